@@ -324,8 +324,10 @@ impl Client {
         match self.state {
             State::AwaitSignedTime => {
                 self.state = State::AwaitTimeResult;
-                self.timers
-                    .set(Timer::HandshakeDeadline, now + self.config.timing.command_timeout);
+                self.timers.set(
+                    Timer::HandshakeDeadline,
+                    now + self.config.timing.command_timeout,
+                );
             }
             State::Established(_) => {}
             _ => return,
@@ -417,8 +419,10 @@ impl Client {
         let ch = hello.encode();
         self.accepted_tx.clear();
         self.state = State::ExpectServerHello(ExpectServerHello { ch, ephemeral });
-        self.timers
-            .set(Timer::HandshakeDeadline, now + self.config.timing.handshake_deadline);
+        self.timers.set(
+            Timer::HandshakeDeadline,
+            now + self.config.timing.handshake_deadline,
+        );
         self.send_flight(now, vec![wire::frame(wire::HDR_HELLO, &ch)]);
     }
 
@@ -562,7 +566,10 @@ impl Client {
         let signature = Signature::from_der(&sv.signature).map_err(|_| Error::BadLockSignature)?;
         self.config
             .lock_public_key
-            .verify(&wire::server_signed_bytes(&s.ch, &s.sh, &s.auth), &signature)
+            .verify(
+                &wire::server_signed_bytes(&s.ch, &s.sh, &s.auth),
+                &signature,
+            )
             .map_err(|_| Error::BadLockSignature)?;
 
         let cert = &self.config.certificate;
@@ -585,8 +592,16 @@ impl Client {
         let hs_hash = transcript.hash();
         let blob = crypto::seal_handshake(&s.client_hs, &cv);
         let next = ExpectInitialized {
-            tx: RecordKey::new(&TrafficSecret::derive(&s.z, crypto::LABEL_CLIENT_AP, &hs_hash)),
-            rx: RecordKey::new(&TrafficSecret::derive(&s.z, crypto::LABEL_SERVER_AP, &hs_hash)),
+            tx: RecordKey::new(&TrafficSecret::derive(
+                &s.z,
+                crypto::LABEL_CLIENT_AP,
+                &hs_hash,
+            )),
+            rx: RecordKey::new(&TrafficSecret::derive(
+                &s.z,
+                crypto::LABEL_SERVER_AP,
+                &hs_hash,
+            )),
         };
         self.state = State::ExpectInitialized(next);
         self.send_flight(now, wire::fragment_client_verify(&blob, s.piece_mtu));
@@ -605,8 +620,10 @@ impl Client {
         };
         self.stop_flight();
         self.timers.stop(Timer::HandshakeDeadline);
-        self.timers
-            .set(Timer::Rehandshake, now + self.config.timing.rehandshake_after);
+        self.timers.set(
+            Timer::Rehandshake,
+            now + self.config.timing.rehandshake_after,
+        );
         self.restarts = 0;
         self.time_syncs = 0;
         self.state = State::Established(Session {
@@ -715,7 +732,10 @@ impl Client {
         if id != api::op::SET_SIGNED_DATETIME {
             return;
         }
-        let result = params.first().copied().unwrap_or(api::result::INVALID_PARAM);
+        let result = params
+            .first()
+            .copied()
+            .unwrap_or(api::result::INVALID_PARAM);
         let awaiting = matches!(self.state, State::AwaitTimeResult);
         if result != api::result::SUCCESS {
             if awaiting {

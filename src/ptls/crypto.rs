@@ -28,8 +28,7 @@ pub struct SharedSecret([u8; 32]);
 
 impl SharedSecret {
     pub fn new(ephemeral: &SecretKey, peer: &PublicKey) -> SharedSecret {
-        let shared =
-            p256::ecdh::diffie_hellman(ephemeral.to_nonzero_scalar(), peer.as_affine());
+        let shared = p256::ecdh::diffie_hellman(ephemeral.to_nonzero_scalar(), peer.as_affine());
         let mut z = [0u8; 32];
         z.copy_from_slice(shared.raw_secret_bytes());
         SharedSecret(z)
@@ -104,7 +103,9 @@ impl RecordKey {
 
     /// `None` once the counter space is used up; the session must end then.
     pub fn seal(&mut self, plaintext: &[u8]) -> Option<Vec<u8>> {
-        let n = u16::try_from(self.counter).ok().filter(|&n| u32::from(n) < MAX_RECORDS)?;
+        let n = u16::try_from(self.counter)
+            .ok()
+            .filter(|&n| u32::from(n) < MAX_RECORDS)?;
         let nonce = nonce(&self.base_iv, n);
         // AES-GCM sealing only fails for inputs above 64 GiB.
         let out = self

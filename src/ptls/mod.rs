@@ -19,7 +19,7 @@
 
 pub mod api;
 pub mod cert;
-mod client;
+pub mod client;
 pub mod crypto;
 pub mod gatt;
 pub mod pair;

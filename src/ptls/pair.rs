@@ -135,7 +135,9 @@ impl<C: Endpoint, S: Endpoint> Pair<C, S> {
         while let Some(t) = self.client.poll_transmit() {
             let header = t.bytes.first().copied().unwrap_or(0) & 0x0F;
             match self.to_lock.push(now, t) {
-                Fate::Dropped | Fate::Disconnect => self.stats.dropped_to_lock[header as usize] += 1,
+                Fate::Dropped | Fate::Disconnect => {
+                    self.stats.dropped_to_lock[header as usize] += 1
+                }
                 Fate::Duplicated => self.stats.duplicated += 1,
                 Fate::Queued => {}
             }

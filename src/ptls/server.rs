@@ -62,9 +62,15 @@ pub enum ServerEvent {
         certificate: Box<VerifiedCertificate>,
     },
     /// A command, `OPCODE ‖ PARAMS`: from an encrypted record, or a plaintext frame.
-    Command { body: Vec<u8>, encrypted: bool },
+    Command {
+        body: Vec<u8>,
+        encrypted: bool,
+    },
     /// The lock sent this alert because of this fault.
-    AlertSent { alert: Alert, cause: Error },
+    AlertSent {
+        alert: Alert,
+        cause: Error,
+    },
     AlertReceived(Alert),
     SessionEnded,
     /// Drop the link now.
@@ -424,7 +430,10 @@ impl Server {
             );
         };
         let Ok(auth) = <[u8; wire::AUTH_LEN]>::try_from(body) else {
-            return self.fail(Alert::Error, wire::malformed("server verify challenge").into());
+            return self.fail(
+                Alert::Error,
+                wire::malformed("server verify challenge").into(),
+            );
         };
         let signature: Signature = self
             .config
@@ -535,8 +544,16 @@ impl Server {
             bytes: initialized_frame.clone(),
         });
         self.state = State::Established(Box::new(Session {
-            tx: RecordKey::new(&TrafficSecret::derive(&hs.z, crypto::LABEL_SERVER_AP, &hs_hash)),
-            rx: RecordKey::new(&TrafficSecret::derive(&hs.z, crypto::LABEL_CLIENT_AP, &hs_hash)),
+            tx: RecordKey::new(&TrafficSecret::derive(
+                &hs.z,
+                crypto::LABEL_SERVER_AP,
+                &hs_hash,
+            )),
+            rx: RecordKey::new(&TrafficSecret::derive(
+                &hs.z,
+                crypto::LABEL_CLIENT_AP,
+                &hs_hash,
+            )),
             ch_frame: hs.ch_frame.clone(),
             challenge_frame: a.challenge_frame.clone(),
             cv_frames,
@@ -600,7 +617,8 @@ impl Server {
     /// Send an alert for a fault and drop whatever handshake or session there was.
     fn fail(&mut self, alert: Alert, cause: Error) {
         self.send_alert(alert);
-        self.events.push_back(ServerEvent::AlertSent { alert, cause });
+        self.events
+            .push_back(ServerEvent::AlertSent { alert, cause });
         self.drop_session();
     }
 

@@ -24,7 +24,10 @@ impl<K: Copy + Eq, const N: usize> TimerTable<K, N> {
     }
 
     pub fn get(&self, kind: K) -> Option<Instant> {
-        self.slots.iter().find(|(k, _)| *k == kind).and_then(|s| s.1)
+        self.slots
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .and_then(|s| s.1)
     }
 
     /// The earliest armed timer and why.
@@ -149,7 +152,10 @@ mod tests {
         t.set(K::A, t0 + Duration::from_secs(5));
         t.set(K::C, t0 + Duration::from_secs(1));
         assert_eq!(t.earliest(), Some((t0 + Duration::from_secs(1), K::C)));
-        assert_eq!(t.take_expired(t0 + Duration::from_secs(2)), vec![K::C, K::B]);
+        assert_eq!(
+            t.take_expired(t0 + Duration::from_secs(2)),
+            vec![K::C, K::B]
+        );
         assert_eq!(t.earliest(), Some((t0 + Duration::from_secs(5), K::A)));
         t.stop(K::A);
         assert_eq!(t.earliest(), None);

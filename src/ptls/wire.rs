@@ -229,7 +229,11 @@ impl ClientHello {
         let random = r.array()?;
         let public = r.array()?;
         // The resumption cache is ignored: resumption is not used (spec §3.1).
-        Ok(Ok(ClientHello { mtu, random, public }))
+        Ok(Ok(ClientHello {
+            mtu,
+            random,
+            public,
+        }))
     }
 }
 
@@ -261,7 +265,11 @@ impl ServerHello {
         let random = r.array()?;
         let public = r.array()?;
         r.finish()?;
-        Ok(ServerHello { mtu, random, public })
+        Ok(ServerHello {
+            mtu,
+            random,
+            public,
+        })
     }
 }
 
@@ -379,7 +387,10 @@ mod tests {
 
     #[test]
     fn header_upper_nibble_is_ignored() {
-        assert_eq!(split_frame(&[0xF3, 1, 2]).unwrap(), (HDR_HELLO, &[1u8, 2][..]));
+        assert_eq!(
+            split_frame(&[0xF3, 1, 2]).unwrap(),
+            (HDR_HELLO, &[1u8, 2][..])
+        );
         assert!(split_frame(&[]).is_err());
     }
 

@@ -1,0 +1,215 @@
+//! The client end of the sim socket (design §4.1).
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::io::{AsyncWriteExt, WriteHalf};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::mpsc;
+
+use super::{Link, LinkError, LinkEvent};
+use crate::ptls::Channel;
+use crate::ptls::wire::MIN_ATT_MTU;
+use crate::sim::serve::{ListenAddr, Stream};
+use crate::sim::wire::{self, SimMsg, read_msg, write_msg};
+
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct SimLink {
+    serial: String,
+    att_mtu: u16,
+    writer: WriteHalf<Box<dyn Stream>>,
+    incoming: mpsc::UnboundedReceiver<SimMsg>,
+    /// Values that arrived while a write waited for its acknowledgement.
+    pending: VecDeque<LinkEvent>,
+    closed: bool,
+}
+
+impl SimLink {
+    /// Connect to `serial` at the simulator, request `att_mtu`, and subscribe to the three
+    /// characteristics the client listens on (spec §1: before hello).
+    pub async fn connect(
+        addr: &ListenAddr,
+        serial: &str,
+        att_mtu: u16,
+    ) -> Result<SimLink, LinkError> {
+        let stream: Box<dyn Stream> = match addr {
+            ListenAddr::Unix(p) => Box::new(UnixStream::connect(p).await?),
+            ListenAddr::Tcp(a) => {
+                let s = TcpStream::connect(a).await?;
+                s.set_nodelay(true)?;
+                Box::new(s)
+            }
+        };
+        let (mut reader, writer) = tokio::io::split(stream);
+        let (tx, incoming) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(msg)) = read_msg(&mut reader).await {
+                if tx.send(msg).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut link = SimLink {
+            serial: serial.to_string(),
+            att_mtu: 0,
+            writer,
+            incoming,
+            pending: VecDeque::new(),
+            closed: false,
+        };
+        link.send(&SimMsg::Connect {
+            att_mtu,
+            serial: serial.to_string(),
+        })
+        .await?;
+        match link.reply("CONNECTED").await? {
+            SimMsg::Connected { att_mtu } => link.att_mtu = att_mtu,
+            SimMsg::Refused { reason } => {
+                return Err(LinkError::Refused {
+                    serial: serial.to_string(),
+                    reason: match reason {
+                        wire::REFUSED_UNKNOWN_LOCK => "unknown lock",
+                        wire::REFUSED_TOO_MANY => "too many connections",
+                        _ => "lock busy or out of range",
+                    },
+                });
+            }
+            _ => return Err(LinkError::Disconnected),
+        }
+        if link.att_mtu < MIN_ATT_MTU {
+            link.close().await;
+            return Err(LinkError::MtuTooSmall {
+                serial: serial.to_string(),
+                mtu: link.att_mtu,
+            });
+        }
+        for channel in [
+            Channel::PtlsTx,
+            Channel::ApiCommands,
+            Channel::Notifications,
+        ] {
+            link.send(&SimMsg::Subscribe { channel, on: true }).await?;
+            loop {
+                match link.reply("SUBSCRIBED").await? {
+                    SimMsg::Subscribed { channel: c } if c == channel => break,
+                    other => link.buffer(other)?,
+                }
+            }
+        }
+        Ok(link)
+    }
+
+    pub fn serial(&self) -> &str {
+        &self.serial
+    }
+
+    async fn send(&mut self, msg: &SimMsg) -> Result<(), LinkError> {
+        if self.closed {
+            return Err(LinkError::Disconnected);
+        }
+        write_msg(&mut self.writer, msg)
+            .await
+            .map_err(|_| LinkError::Disconnected)
+    }
+
+    async fn reply(&mut self, what: &'static str) -> Result<SimMsg, LinkError> {
+        match tokio::time::timeout(REPLY_TIMEOUT, self.incoming.recv()).await {
+            Ok(Some(msg)) => Ok(msg),
+            Ok(None) => Err(LinkError::Disconnected),
+            Err(_) => Err(LinkError::Timeout(what)),
+        }
+    }
+
+    /// Keep a value (or a disconnect) that arrived while waiting for something else.
+    fn buffer(&mut self, msg: SimMsg) -> Result<(), LinkError> {
+        match msg {
+            SimMsg::Value { channel, value } => {
+                self.pending.push_back(LinkEvent::Value { channel, value });
+                Ok(())
+            }
+            SimMsg::Disconnect { reason } => {
+                self.closed = true;
+                self.pending.push_back(LinkEvent::Disconnected {
+                    reason: disconnect_reason(reason).to_string(),
+                });
+                Err(LinkError::Disconnected)
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn disconnect_reason(reason: u8) -> &'static str {
+    match reason {
+        wire::DISCONNECT_NORMAL => "normal",
+        wire::DISCONNECT_IDLE => "idle",
+        wire::DISCONNECT_HELLO_TIMEOUT => "hello timeout",
+        wire::DISCONNECT_FAULT => "link fault",
+        _ => "unknown",
+    }
+}
+
+impl Link for SimLink {
+    fn att_mtu(&self) -> u16 {
+        self.att_mtu
+    }
+
+    async fn write(&mut self, channel: Channel, value: &[u8]) -> Result<(), LinkError> {
+        self.send(&SimMsg::Write {
+            channel,
+            with_response: true,
+            value: value.to_vec(),
+        })
+        .await?;
+        loop {
+            match self.reply("WRITE_ACK").await? {
+                SimMsg::WriteAck { channel: c } if c == channel => return Ok(()),
+                other => self.buffer(other)?,
+            }
+        }
+    }
+
+    async fn recv(&mut self) -> LinkEvent {
+        if let Some(e) = self.pending.pop_front() {
+            return e;
+        }
+        if self.closed {
+            return LinkEvent::Disconnected {
+                reason: "closed".into(),
+            };
+        }
+        loop {
+            match self.incoming.recv().await {
+                Some(SimMsg::Value { channel, value }) => {
+                    return LinkEvent::Value { channel, value };
+                }
+                Some(SimMsg::Disconnect { reason }) => {
+                    self.closed = true;
+                    return LinkEvent::Disconnected {
+                        reason: disconnect_reason(reason).to_string(),
+                    };
+                }
+                Some(_) => continue,
+                None => {
+                    self.closed = true;
+                    return LinkEvent::Disconnected {
+                        reason: "socket closed".into(),
+                    };
+                }
+            }
+        }
+    }
+
+    async fn close(&mut self) {
+        if !self.closed {
+            let _ = self
+                .send(&SimMsg::Disconnect {
+                    reason: wire::DISCONNECT_NORMAL,
+                })
+                .await;
+            let _ = self.writer.shutdown().await;
+            self.closed = true;
+        }
+    }
+}

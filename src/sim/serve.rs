@@ -1,0 +1,442 @@
+//! Serving simulated locks over the sim socket (design §4.1).
+//!
+//! One task owns the world — every [`Lock`] and every socket's binding and fault pipes — and
+//! runs on the real clock; each socket has a small reader/writer task. The world applies the
+//! configured faults to values in both directions and appends every actuation to the event log.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Instant;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::mpsc;
+
+use super::model::{ConnId, Lock, LockSpec, Output, Refusal};
+use super::wire::{self, SimMsg, read_msg, write_msg};
+use crate::fault::{Fate, FaultConfig, FaultyPipe};
+use crate::ptls::{Channel, WallClock};
+
+/// `unix:PATH` or `tcp:HOST:PORT`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        if let Some(addr) = s.strip_prefix("tcp:") {
+            return addr
+                .parse()
+                .map(ListenAddr::Tcp)
+                .map_err(|_| format!("{addr:?} is not HOST:PORT (for example 127.0.0.1:7400)"));
+        }
+        Err(format!("{s:?}: expected unix:PATH or tcp:127.0.0.1:PORT"))
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            ListenAddr::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
+
+pub enum Listener {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    pub async fn bind(addr: &ListenAddr) -> std::io::Result<Listener> {
+        match addr {
+            ListenAddr::Unix(path) => {
+                // A socket file left by an earlier run would make bind fail.
+                if std::fs::symlink_metadata(path).is_ok_and(|m| {
+                    use std::os::unix::fs::FileTypeExt;
+                    m.file_type().is_socket()
+                }) {
+                    std::fs::remove_file(path)?;
+                }
+                Ok(Listener::Unix(UnixListener::bind(path)?, path.clone()))
+            }
+            ListenAddr::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await?)),
+        }
+    }
+
+    /// The address actually bound (the port is filled in for `tcp:…:0`).
+    pub fn local_addr(&self) -> std::io::Result<ListenAddr> {
+        match self {
+            Listener::Unix(_, p) => Ok(ListenAddr::Unix(p.clone())),
+            Listener::Tcp(l) => Ok(ListenAddr::Tcp(l.local_addr()?)),
+        }
+    }
+
+    async fn accept(&self) -> std::io::Result<Box<dyn Stream>> {
+        match self {
+            Listener::Unix(l, _) => Ok(Box::new(l.accept().await?.0)),
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept().await?;
+                s.set_nodelay(true)?;
+                Ok(Box::new(s))
+            }
+        }
+    }
+}
+
+/// Everything the world needs: the locks, the faults, the event log and a seed.
+pub struct SimWorld {
+    pub locks: Vec<LockSpec>,
+    pub faults: FaultConfig,
+    pub event_log: Option<PathBuf>,
+    pub seed: u64,
+}
+
+enum Incoming {
+    Msg(SimMsg),
+    Closed,
+}
+
+struct Sock {
+    tx: mpsc::UnboundedSender<SimMsg>,
+    binding: Option<(String, ConnId)>,
+    to_lock: FaultyPipe<(Channel, Vec<u8>)>,
+    to_client: FaultyPipe<(Channel, Vec<u8>)>,
+}
+
+struct World {
+    locks: BTreeMap<String, Lock>,
+    sockets: HashMap<u64, Sock>,
+    by_conn: HashMap<(String, ConnId), u64>,
+    faults: FaultConfig,
+    event_log: Option<File>,
+}
+
+/// Serve until `shutdown` completes.
+pub async fn serve(
+    world: SimWorld,
+    listener: Listener,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let now = Instant::now();
+    let wall = WallClock {
+        at: now,
+        unix_ms: crate::authority::unix_ms_now(),
+    };
+    let event_log = match &world.event_log {
+        Some(path) => Some(OpenOptions::new().create(true).append(true).open(path)?),
+        None => None,
+    };
+    let locks = world
+        .locks
+        .into_iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            let seed = world.seed.wrapping_add(i as u64);
+            (spec.serial.clone(), Lock::new(spec, seed, wall))
+        })
+        .collect();
+    let mut w = World {
+        locks,
+        sockets: HashMap::new(),
+        by_conn: HashMap::new(),
+        faults: world.faults,
+        event_log,
+    };
+    let (inbox_tx, mut inbox) = mpsc::unbounded_channel::<(u64, Incoming)>();
+    let mut next_id = 0u64;
+    tokio::pin!(shutdown);
+    loop {
+        let now = Instant::now();
+        w.run(now);
+        let deadline = w.next_deadline().map(tokio::time::Instant::from_std);
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(stream) => {
+                    next_id += 1;
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    w.sockets.insert(next_id, Sock {
+                        tx,
+                        binding: None,
+                        to_lock: FaultyPipe::new(&w.faults, next_id * 2),
+                        to_client: FaultyPipe::new(&w.faults, next_id * 2 + 1),
+                    });
+                    tokio::spawn(socket_task(next_id, stream, inbox_tx.clone(), rx));
+                }
+                Err(e) => log::warn!("sim: accept failed: {e}"),
+            },
+            Some((id, incoming)) = inbox.recv() => w.on_incoming(Instant::now(), id, incoming),
+            _ = sleep_until(deadline) => {}
+        }
+    }
+    // Leave cleanly: every client sees DISCONNECT.
+    for sock in w.sockets.values() {
+        let _ = sock.tx.send(SimMsg::Disconnect {
+            reason: wire::DISCONNECT_NORMAL,
+        });
+    }
+    Ok(())
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn socket_task(
+    id: u64,
+    stream: Box<dyn Stream>,
+    to_world: mpsc::UnboundedSender<(u64, Incoming)>,
+    mut from_world: mpsc::UnboundedReceiver<SimMsg>,
+) {
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let reader = async {
+        while let Ok(Some(msg)) = read_msg(&mut rd).await {
+            if to_world.send((id, Incoming::Msg(msg))).is_err() {
+                break;
+            }
+        }
+    };
+    let writer = async {
+        while let Some(msg) = from_world.recv().await {
+            if write_msg(&mut wr, &msg).await.is_err() {
+                break;
+            }
+            if matches!(msg, SimMsg::Disconnect { .. }) {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    };
+    tokio::select! {
+        _ = reader => {}
+        _ = writer => {}
+    }
+    let _ = to_world.send((id, Incoming::Closed));
+}
+
+impl World {
+    fn on_incoming(&mut self, now: Instant, id: u64, incoming: Incoming) {
+        let msg = match incoming {
+            Incoming::Closed => {
+                self.unbind(id);
+                self.sockets.remove(&id);
+                return;
+            }
+            Incoming::Msg(m) => m,
+        };
+        let Some(sock) = self.sockets.get_mut(&id) else {
+            return;
+        };
+        match msg {
+            SimMsg::Connect { att_mtu, serial } => {
+                if sock.binding.is_some() {
+                    let _ = sock.tx.send(SimMsg::Refused {
+                        reason: wire::REFUSED_BUSY,
+                    });
+                    return;
+                }
+                let reply = match self.locks.get_mut(&serial) {
+                    None => SimMsg::Refused {
+                        reason: Refusal::UnknownLock as u8,
+                    },
+                    Some(lock) => match lock.connect(now, att_mtu) {
+                        Ok((conn, mtu)) => {
+                            log::info!("sim: {serial}: connection {conn} (ATT MTU {mtu})");
+                            sock.binding = Some((serial.clone(), conn));
+                            self.by_conn.insert((serial, conn), id);
+                            SimMsg::Connected { att_mtu: mtu }
+                        }
+                        Err(r) => SimMsg::Refused { reason: r as u8 },
+                    },
+                };
+                let _ = sock.tx.send(reply);
+            }
+            SimMsg::Subscribe { channel, on } => {
+                if let Some((serial, conn)) = &sock.binding {
+                    if let Some(lock) = self.locks.get_mut(serial) {
+                        lock.subscribe(*conn, channel, on);
+                    }
+                }
+                let _ = sock.tx.send(SimMsg::Subscribed { channel });
+            }
+            SimMsg::Write {
+                channel,
+                with_response,
+                value,
+            } => {
+                if sock.binding.is_none() {
+                    return;
+                }
+                if with_response {
+                    let _ = sock.tx.send(SimMsg::WriteAck { channel });
+                }
+                if sock.to_lock.push(now, (channel, value)) == Fate::Disconnect {
+                    self.cut(id, wire::DISCONNECT_FAULT);
+                }
+            }
+            SimMsg::Disconnect { .. } => self.unbind(id),
+            // Messages only the simulator sends are ignored.
+            SimMsg::Connected { .. }
+            | SimMsg::Refused { .. }
+            | SimMsg::WriteAck { .. }
+            | SimMsg::Subscribed { .. }
+            | SimMsg::Value { .. } => {}
+        }
+    }
+
+    /// Do everything due at `now`.
+    fn run(&mut self, now: Instant) {
+        loop {
+            let mut progressed = false;
+            for lock in self.locks.values_mut() {
+                if lock.poll_timeout().is_some_and(|t| t <= now) {
+                    lock.handle_timeout(now);
+                    progressed = true;
+                }
+            }
+            let ids: Vec<u64> = self.sockets.keys().copied().collect();
+            for id in ids {
+                progressed |= self.deliver(now, id);
+            }
+            let serials: Vec<String> = self.locks.keys().cloned().collect();
+            for serial in serials {
+                progressed |= self.drain_lock(now, &serial);
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    fn deliver(&mut self, now: Instant, id: u64) -> bool {
+        let mut progressed = false;
+        let Some(sock) = self.sockets.get_mut(&id) else {
+            return false;
+        };
+        while let Some((channel, value)) = sock.to_client.pop_due(now) {
+            let _ = sock.tx.send(SimMsg::Value { channel, value });
+            progressed = true;
+        }
+        while let Some((channel, value)) = sock.to_lock.pop_due(now) {
+            progressed = true;
+            if let Some((serial, conn)) = &sock.binding {
+                if let Some(lock) = self.locks.get_mut(serial) {
+                    lock.write(now, *conn, channel, &value);
+                }
+            }
+        }
+        progressed
+    }
+
+    fn drain_lock(&mut self, now: Instant, serial: &str) -> bool {
+        let Some(lock) = self.locks.get_mut(serial) else {
+            return false;
+        };
+        let mut outputs = Vec::new();
+        while let Some(o) = lock.poll_output() {
+            outputs.push(o);
+        }
+        let actuations = lock.take_actuations();
+        let progressed = !outputs.is_empty();
+        for a in actuations {
+            log::info!(
+                "sim: {}: {} mode {} -> {} ({})",
+                a.lock,
+                a.command,
+                a.mode,
+                a.result,
+                a.state
+            );
+            if let Some(f) = self.event_log.as_mut() {
+                // An event log that cannot be written is reported, not fatal: the lock goes on.
+                let line = serde_json::to_string(&a).unwrap_or_default();
+                if let Err(e) = writeln!(f, "{line}").and_then(|_| f.flush()) {
+                    log::error!("sim: event log: {e}");
+                }
+            }
+        }
+        for o in outputs {
+            match o {
+                Output::Value {
+                    conn,
+                    channel,
+                    bytes,
+                } => {
+                    let Some(&id) = self.by_conn.get(&(serial.to_string(), conn)) else {
+                        continue;
+                    };
+                    let Some(sock) = self.sockets.get_mut(&id) else {
+                        continue;
+                    };
+                    if sock.to_client.push(now, (channel, bytes)) == Fate::Disconnect {
+                        self.cut(id, wire::DISCONNECT_FAULT);
+                    }
+                }
+                Output::Disconnect { conn, reason } => {
+                    if let Some(id) = self.by_conn.remove(&(serial.to_string(), conn)) {
+                        if let Some(sock) = self.sockets.get_mut(&id) {
+                            log::info!(
+                                "sim: {serial}: connection {conn} dropped (reason {reason})"
+                            );
+                            sock.binding = None;
+                            let _ = sock.tx.send(SimMsg::Disconnect { reason });
+                        }
+                    }
+                }
+            }
+        }
+        progressed
+    }
+
+    /// The fault injector cut the link.
+    fn cut(&mut self, id: u64, reason: u8) {
+        self.unbind(id);
+        if let Some(sock) = self.sockets.get(&id) {
+            let _ = sock.tx.send(SimMsg::Disconnect { reason });
+        }
+    }
+
+    fn unbind(&mut self, id: u64) {
+        let Some(sock) = self.sockets.get_mut(&id) else {
+            return;
+        };
+        sock.to_lock.clear();
+        sock.to_client.clear();
+        if let Some((serial, conn)) = sock.binding.take() {
+            if let Some(lock) = self.locks.get_mut(&serial) {
+                lock.disconnect(conn);
+            }
+            self.by_conn.remove(&(serial, conn));
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let locks = self.locks.values().filter_map(Lock::poll_timeout);
+        let pipes = self
+            .sockets
+            .values()
+            .flat_map(|s| [s.to_lock.next_due(), s.to_client.next_due()])
+            .flatten();
+        locks.chain(pipes).min()
+    }
+}
