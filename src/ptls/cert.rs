@@ -237,7 +237,7 @@ mod tests {
             CertError::BadSignature
         );
         let mut tampered = bytes.clone();
-        tampered[4] ^= 1;
+        tampered[7] ^= 1; // a byte of the device id value
         assert_eq!(
             AccessCertificate::verify(&tampered, auth.verifying_key(), 42, 1_500).unwrap_err(),
             CertError::BadSignature

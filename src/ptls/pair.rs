@@ -86,6 +86,11 @@ impl<C: Endpoint, S: Endpoint> Pair<C, S> {
     /// Do everything due now; if nothing was, advance the clock to the next deadline.
     /// Returns `false` when nothing is pending at all.
     pub fn step(&mut self) -> bool {
+        self.step_until(None)
+    }
+
+    /// As [`Pair::step`], but never moves the clock past `limit`.
+    fn step_until(&mut self, limit: Option<Instant>) -> bool {
         if self.run_now() {
             return true;
         }
@@ -98,24 +103,28 @@ impl<C: Endpoint, S: Endpoint> Pair<C, S> {
         .into_iter()
         .flatten()
         .min();
-        match next {
-            Some(t) => {
+        match (next, limit) {
+            (Some(t), Some(limit)) if t > limit => {
+                self.now = self.now.max(limit);
+                false
+            }
+            (Some(t), _) => {
                 self.now = self.now.max(t);
                 true
             }
-            None => false,
+            (None, _) => false,
         }
     }
 
-    /// Step until `done` says so or `limit` of virtual time has passed since the call.
-    /// `done` may poll and react to either endpoint's events.
+    /// Step until `done` says so or `limit` of virtual time has passed since the call; the
+    /// clock ends at most `limit` later. `done` may poll and react to either endpoint's events.
     pub fn drive(&mut self, limit: Duration, mut done: impl FnMut(&mut Self) -> bool) -> bool {
         let until = self.now + limit;
         loop {
             if done(self) {
                 return true;
             }
-            if self.now > until || !self.step() {
+            if !self.step_until(Some(until)) {
                 return done(self);
             }
         }
