@@ -1,0 +1,217 @@
+//! End to end through processes: `lockbridge sim init`, `keys init`, `authority issue` and
+//! `sim --listen` run as a user would run them; a gateway client connects over the sim socket,
+//! handshakes, reads state, unlocks, receives the notifications, and the lock's event log
+//! shows exactly one actuation.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde_json::Value;
+
+use lockbridge::driver::{Driver, now};
+use lockbridge::link::Link;
+use lockbridge::link::sim::SimLink;
+use lockbridge::ptls::api::{LockState, notif, op, result};
+use lockbridge::ptls::{Client, ClientConfig, ClientTiming};
+use lockbridge::sim::serve::ListenAddr;
+
+fn lockbridge(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_lockbridge"))
+        .args(args)
+        .output()
+        .expect("run lockbridge");
+    assert!(
+        out.status.success(),
+        "lockbridge {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for_socket(path: &Path) {
+    for _ in 0..200 {
+        if path.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("simulator did not create {}", path.display());
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sim_process_serves_a_full_session_and_logs_one_actuation() {
+    let dir = tempfile::tempdir().unwrap();
+    let world = dir.path().join("world");
+    let summary: Value =
+        serde_json::from_str(&lockbridge(&["sim", "init", p(&world), "--locks", "2"])).unwrap();
+    let lock = &summary["locks"][0];
+    let serial = lock["serial"].as_str().unwrap().to_string();
+    let device_id = lock["device_id"].as_u64().unwrap().to_string();
+    let lock_public =
+        lockbridge::keys::parse_public_b64(lock["public_key"].as_str().unwrap()).unwrap();
+    let authority = PathBuf::from(summary["authority"].as_str().unwrap());
+    assert_eq!(summary["locks"].as_array().unwrap().len(), 2);
+
+    let key_path = dir.path().join("gateway.key");
+    let gateway_public = lockbridge(&["keys", "init", "--out", p(&key_path)]);
+    assert_eq!(lockbridge(&["keys", "show", p(&key_path)]), gateway_public);
+    let cert_b64 = lockbridge(&[
+        "authority",
+        "issue",
+        "--authority",
+        p(&authority),
+        "--device-id",
+        &device_id,
+        "--client-public-key",
+        gateway_public.trim(),
+        "--permissions",
+        "lock,pull,read",
+    ]);
+    let certificate = B64.decode(cert_b64.trim()).unwrap();
+    let signed: Value = serde_json::from_str(&lockbridge(&[
+        "authority",
+        "sign-time",
+        "--authority",
+        p(&authority),
+        "--at",
+        "1795219200000",
+    ]))
+    .unwrap();
+    assert_eq!(
+        B64.decode(signed["datetime"].as_str().unwrap()).unwrap(),
+        1_795_219_200_000u64.to_be_bytes()
+    );
+
+    let socket = dir.path().join("sim.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_lockbridge"))
+        .args([
+            "sim",
+            "--config",
+            summary["sim_config"].as_str().unwrap(),
+            "--listen",
+            &format!("unix:{}", p(&socket)),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start lockbridge sim");
+    let mut sim = KillOnDrop(child);
+    wait_for_socket(&socket);
+
+    let addr = ListenAddr::Unix(socket.clone());
+    let link = SimLink::connect(&addr, &serial, 247).await.unwrap();
+    assert_eq!(link.att_mtu(), 247);
+    let config = ClientConfig {
+        signing_key: lockbridge::keys::load(&key_path).unwrap(),
+        certificate,
+        lock_public_key: lock_public,
+        att_mtu: link.att_mtu(),
+        timing: ClientTiming::default(),
+    };
+    let mut client = Client::new(config, Box::new(rand_core::OsRng)).unwrap();
+    client.start(now(), lockbridge::authority::unix_ms_now());
+    let mut driver = Driver::new(link, client);
+    driver.handshake(|| None).await.expect("handshake");
+
+    let state = driver.command(&[op::GET_STATE]).await.unwrap();
+    assert_eq!(
+        (state.result, state.data.clone()),
+        (result::SUCCESS, vec![LockState::Locked.byte(), 0])
+    );
+    let unlock = driver.command(&[op::UNLOCK, 0]).await.unwrap();
+    assert_eq!(unlock.result, result::SUCCESS);
+    let mut states = Vec::new();
+    while states.last() != Some(&LockState::Unlocked) {
+        let (id, params) = driver.notification(Duration::from_secs(5)).await.unwrap();
+        if id == notif::LOCK_STATUS_CHANGE {
+            states.push(LockState::from_byte(params[0]));
+        }
+    }
+    assert_eq!(states, vec![LockState::Unlocking, LockState::Unlocked]);
+    driver.close().await;
+
+    // A lock that is not in the world is refused with its reason.
+    let err = SimLink::connect(&addr, "99999999-999999", 247)
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("unknown lock"), "{err}");
+
+    // SIGTERM stops the simulator cleanly.
+    let pid = sim.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = sim.0.wait().unwrap();
+    assert!(status.success(), "sim exited {status}");
+
+    let log = std::fs::read_to_string(world.join("events.jsonl")).unwrap();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "exactly one actuation: {log}");
+    assert_eq!(lines[0]["lock"], serial.as_str());
+    assert_eq!(lines[0]["command"], "unlock");
+    assert_eq!(lines[0]["result"], "success");
+}
+
+#[test]
+fn sim_refuses_a_world_with_a_readable_lock_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let world = dir.path().join("w");
+    let summary: Value = serde_json::from_str(&lockbridge(&["sim", "init", p(&world)])).unwrap();
+    let serial = summary["locks"][0]["serial"].as_str().unwrap();
+    let key = world.join("locks").join(format!("{serial}.key"));
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_lockbridge"))
+        .args([
+            "sim",
+            "--config",
+            p(&world.join("sim.toml")),
+            "--listen",
+            "tcp:127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("lock[0].key_file") && err.contains("chmod 600"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sim_init_refuses_to_overwrite_a_world() {
+    let dir = tempfile::tempdir().unwrap();
+    let world = dir.path().join("w");
+    lockbridge(&["sim", "init", p(&world)]);
+    let out = Command::new(env!("CARGO_BIN_EXE_lockbridge"))
+        .args(["sim", "init", p(&world)])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already holds a simulator world"));
+}
