@@ -1,5 +1,7 @@
 //! Every alert path and check of the protocol core, and its timers, on a virtual clock.
 
+#![allow(clippy::unwrap_used, clippy::print_stdout)] // test and benchmark code: a failed unwrap is a failed run
+
 use std::time::{Duration, Instant};
 
 use lockbridge::fault::FaultConfig;
@@ -837,11 +839,7 @@ fn client_rehandshakes_before_counter_exhaustion() {
     establish(&mut p);
     let now = p.now;
     let mut exchanges = 0u32;
-    loop {
-        match p.client.send_command(now, &[op::GET_STATE]) {
-            Ok(()) => {}
-            Err(_) => break,
-        }
+    while p.client.send_command(now, &[op::GET_STATE]).is_ok() {
         let cmd = p.client.poll_transmit().unwrap();
         p.lock.handle_input(now, Channel::ApiCommands, &cmd.bytes);
         let _ = p.lock.poll_event();

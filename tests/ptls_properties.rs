@@ -2,6 +2,8 @@
 //! handshakes finish under loss or report failure (never hang), an actuating command is
 //! executed at most once, and no bytes from a peer make either side panic.
 
+#![allow(clippy::unwrap_used, clippy::print_stdout)] // test and benchmark code: a failed unwrap is a failed run
+
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;

@@ -3,6 +3,8 @@
 //! handshakes, reads state, unlocks, receives the notifications, and the lock's event log
 //! shows exactly one actuation.
 
+#![allow(clippy::unwrap_used, clippy::print_stdout)] // test and benchmark code: a failed unwrap is a failed run
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

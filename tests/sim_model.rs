@@ -2,6 +2,8 @@
 //! motor timing, notifications on every state change, jams, pull spring, battery, busy,
 //! permissions from the certificate and idle disconnect.
 
+#![allow(clippy::unwrap_used, clippy::print_stdout)] // test and benchmark code: a failed unwrap is a failed run
+
 use std::time::{Duration, Instant};
 
 use lockbridge::fault::FaultConfig;

@@ -43,6 +43,7 @@ impl Default for ClientTiming {
     }
 }
 
+#[derive(Clone)]
 pub struct ClientConfig {
     /// The gateway's long-term key (the "mobile key"); signs SIG_C.
     pub signing_key: SigningKey,

@@ -119,3 +119,44 @@ impl SimConfig {
         Ok(specs)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn etc_files() -> Vec<PathBuf> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("etc");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .expect("etc/ exists")
+            .map(|e| e.expect("readable entry").path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("sim"))
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    #[test]
+    fn every_shipped_simulator_world_parses_and_unknown_keys_are_rejected() {
+        let files = etc_files();
+        assert!(!files.is_empty());
+        for path in files {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let config: SimConfig =
+                toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(!config.locks.is_empty());
+            keys::parse_public_b64(&config.locks[0].authority_public_key).unwrap();
+            for (table, extra) in [("", "colour = 1\n"), ("[lock.behaviour]", "colour = 1\n")] {
+                let bad = if table.is_empty() {
+                    format!("{extra}{text}")
+                } else {
+                    format!("{text}{extra}")
+                };
+                let err = toml::from_str::<SimConfig>(&bad).unwrap_err().to_string();
+                assert!(err.contains("colour"), "{}: {err}", path.display());
+            }
+        }
+    }
+}

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Run every lockbridge test on a fresh Debian or Ubuntu machine, as root.
+#
+# Installs what the tests need (system packages with apt-get, Python tools into .venv), then
+# checks formatting and lints, reproduces the independent PTLS vectors, and runs the whole test
+# suite. A missing tool is an error that names the install step; nothing is skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n==> %s\n' "$*"; }
+
+# --- system packages ---------------------------------------------------------------------
+apt_packages=()
+command -v python3 >/dev/null || apt_packages+=(python3)
+python3 -m venv --help >/dev/null 2>&1 || apt_packages+=(python3-venv)
+command -v cc >/dev/null || apt_packages+=(gcc libc6-dev)
+command -v pkg-config >/dev/null || apt_packages+=(pkg-config)
+command -v kill >/dev/null || apt_packages+=(procps)
+if ((${#apt_packages[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "tests/run.sh: missing ${apt_packages[*]}; run as root or: apt-get install ${apt_packages[*]}" >&2
+        exit 1
+    fi
+    say "installing ${apt_packages[*]}"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${apt_packages[@]}"
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "tests/run.sh: cargo not found; install the stable Rust toolchain (1.85 or newer) with rustup, with the rustfmt and clippy components" >&2
+    exit 1
+fi
+for component in fmt clippy; do
+    if ! cargo "$component" --version >/dev/null 2>&1; then
+        echo "tests/run.sh: cargo $component not found; install it with: rustup component add ${component/fmt/rustfmt}" >&2
+        exit 1
+    fi
+done
+
+# --- Python tools (independent known-answer vectors) --------------------------------------
+if [[ ! -x .venv/bin/python ]]; then
+    say "creating .venv for the Python tools"
+    python3 -m venv .venv
+fi
+if ! .venv/bin/python -c 'import cryptography, sys; sys.exit(int(cryptography.__version__.split(".")[0]) < 44)' 2>/dev/null; then
+    say "installing Python cryptography (>= 44, for deterministic ECDSA)"
+    .venv/bin/pip install -q "cryptography>=44"
+fi
+
+# --- checks -------------------------------------------------------------------------------
+say "cargo fmt --check"
+cargo fmt --check
+
+say "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets --quiet -- -D warnings
+
+say "PTLS vectors: regenerate independently and compare with the committed file"
+.venv/bin/python tests/vectors/gen_ptls_vectors.py --check
+
+say "cargo test"
+cargo test --quiet 2>&1 | tee target/test-output.txt
+if grep -q "test result: FAILED" target/test-output.txt; then
+    exit 1
+fi
+passed=$(grep -o '[0-9]* passed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
+failed=$(grep -o '[0-9]* failed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
+echo
+echo "${passed} passed, ${failed} failed"
