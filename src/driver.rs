@@ -57,7 +57,13 @@ impl<L: Link> Driver<L> {
 
     async fn flush(&mut self) -> Result<(), DriveError> {
         while let Some(t) = self.client.poll_transmit() {
-            self.link.write(t.channel, &t.bytes).await?;
+            match self.link.write(t.channel, &t.bytes).await {
+                Ok(()) => {}
+                Err(LinkError::Disconnected { reason }) => {
+                    return Err(DriveError::Disconnected(reason));
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(())
     }

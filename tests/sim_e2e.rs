@@ -217,3 +217,105 @@ fn sim_init_refuses_to_overwrite_a_world() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already holds a simulator world"));
 }
+
+/// Serve `world` in-process with `faults` on a unix socket; return the address and a stopper.
+async fn serve_with_faults(
+    dir: &Path,
+    faults: lockbridge::fault::FaultConfig,
+) -> (ListenAddr, Value, tokio::sync::oneshot::Sender<()>) {
+    use lockbridge::sim::config::SimConfig;
+    use lockbridge::sim::serve::{Listener, SimWorld, serve};
+    let summary = lockbridge::sim::init(&dir.join("w"), 1).unwrap();
+    let summary: Value = serde_json::to_value(&summary).unwrap();
+    let (config, specs) =
+        SimConfig::load(Path::new(summary["sim_config"].as_str().unwrap())).unwrap();
+    let addr = ListenAddr::Unix(dir.join("sim.sock"));
+    let listener = Listener::bind(&addr).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let world = SimWorld {
+        locks: specs,
+        faults,
+        event_log: config.event_log,
+        seed: 1,
+    };
+    tokio::spawn(serve(world, listener, async {
+        let _ = stopped.await;
+    }));
+    (addr, summary, stop)
+}
+
+async fn client_for(
+    addr: &ListenAddr,
+    summary: &Value,
+    dir: &Path,
+) -> Result<(), lockbridge::driver::DriveError> {
+    use lockbridge::authority::{Authority, IssueRequest};
+    let authority = Authority::load(Path::new(summary["authority"].as_str().unwrap())).unwrap();
+    let lock = &summary["locks"][0];
+    let key = lockbridge::keys::generate(&dir.join(format!(
+        "gw-{}.key",
+        rand_core::RngCore::next_u32(&mut rand_core::OsRng)
+    )))
+    .unwrap();
+    let certificate = authority.issue(&IssueRequest {
+        device_id: u32::try_from(lock["device_id"].as_u64().unwrap()).unwrap(),
+        client_public_key: *key.verifying_key(),
+        client_id: None,
+        days: 10,
+        permissions: lockbridge::ptls::cert::PERM_ALL,
+        now_ms: lockbridge::authority::unix_ms_now(),
+    });
+    let link = SimLink::connect(addr, lock["serial"].as_str().unwrap(), 247).await?;
+    let config = ClientConfig {
+        signing_key: key,
+        certificate,
+        lock_public_key: lockbridge::keys::parse_public_b64(lock["public_key"].as_str().unwrap())
+            .unwrap(),
+        att_mtu: link.att_mtu(),
+        timing: ClientTiming::default(),
+    };
+    let mut client = Client::new(config, Box::new(rand_core::OsRng)).unwrap();
+    client.start(now(), lockbridge::authority::unix_ms_now());
+    let mut driver = Driver::new(link, client);
+    driver.handshake(|| None).await?;
+    let state = driver.command(&[op::GET_STATE]).await?;
+    assert_eq!(state.result, result::SUCCESS);
+    driver.close().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sim_socket_fault_injection_cuts_the_link_after_n_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = lockbridge::fault::FaultConfig {
+        disconnect_after_frames: Some(2),
+        ..Default::default()
+    };
+    let (addr, summary, _stop) = serve_with_faults(dir.path(), faults).await;
+    let err = client_for(&addr, &summary, dir.path()).await.unwrap_err();
+    assert!(
+        matches!(err, lockbridge::driver::DriveError::Disconnected(ref r) if r == "link fault"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_completes_over_a_lossy_duplicating_sim_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    // Seeded: loss hits this session's frames, retransmission recovers on the real clock.
+    let faults = lockbridge::fault::FaultConfig {
+        loss: 0.15,
+        duplicate: 0.1,
+        jitter_ms: 5,
+        seed: 3,
+        ..Default::default()
+    };
+    let (addr, summary, _stop) = serve_with_faults(dir.path(), faults).await;
+    let mut ok = 0;
+    for _ in 0..3 {
+        if client_for(&addr, &summary, dir.path()).await.is_ok() {
+            ok += 1;
+        }
+    }
+    assert!(ok >= 2, "{ok} of 3 sessions completed over the lossy link");
+}

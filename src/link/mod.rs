@@ -25,8 +25,8 @@ pub enum LinkError {
     },
     #[error("link to {serial}: ATT MTU {mtu} is below the minimum of 156 (mtu-too-small)")]
     MtuTooSmall { serial: String, mtu: u16 },
-    #[error("link disconnected")]
-    Disconnected,
+    #[error("link disconnected: {reason}")]
+    Disconnected { reason: String },
     #[error("link timed out waiting for {0}")]
     Timeout(&'static str),
     #[error("link I/O: {0}")]

@@ -75,7 +75,11 @@ impl SimLink {
                     },
                 });
             }
-            _ => return Err(LinkError::Disconnected),
+            _ => {
+                return Err(LinkError::Disconnected {
+                    reason: "unexpected reply to CONNECT".into(),
+                });
+            }
         }
         if link.att_mtu < MIN_ATT_MTU {
             link.close().await;
@@ -106,17 +110,37 @@ impl SimLink {
 
     async fn send(&mut self, msg: &SimMsg) -> Result<(), LinkError> {
         if self.closed {
-            return Err(LinkError::Disconnected);
+            return Err(LinkError::Disconnected {
+                reason: "closed".into(),
+            });
         }
-        write_msg(&mut self.writer, msg)
-            .await
-            .map_err(|_| LinkError::Disconnected)
+        if let Err(e) = write_msg(&mut self.writer, msg).await {
+            self.closed = true;
+            let reason = self.stated_reason().await.unwrap_or_else(|| e.to_string());
+            return Err(LinkError::Disconnected { reason });
+        }
+        Ok(())
+    }
+
+    /// After a failed write: the simulator usually said why it closed before closing, and that
+    /// message may be waiting in the queue. Values before it are kept for `recv`.
+    async fn stated_reason(&mut self) -> Option<String> {
+        let wait = Duration::from_millis(200);
+        while let Ok(Some(msg)) = tokio::time::timeout(wait, self.incoming.recv()).await {
+            if let SimMsg::Disconnect { reason } = msg {
+                return Some(disconnect_reason(reason).to_string());
+            }
+            let _ = self.buffer(msg);
+        }
+        None
     }
 
     async fn reply(&mut self, what: &'static str) -> Result<SimMsg, LinkError> {
         match tokio::time::timeout(REPLY_TIMEOUT, self.incoming.recv()).await {
             Ok(Some(msg)) => Ok(msg),
-            Ok(None) => Err(LinkError::Disconnected),
+            Ok(None) => Err(LinkError::Disconnected {
+                reason: "socket closed".into(),
+            }),
             Err(_) => Err(LinkError::Timeout(what)),
         }
     }
@@ -130,10 +154,11 @@ impl SimLink {
             }
             SimMsg::Disconnect { reason } => {
                 self.closed = true;
+                let reason = disconnect_reason(reason).to_string();
                 self.pending.push_back(LinkEvent::Disconnected {
-                    reason: disconnect_reason(reason).to_string(),
+                    reason: reason.clone(),
                 });
-                Err(LinkError::Disconnected)
+                Err(LinkError::Disconnected { reason })
             }
             _ => Ok(()),
         }
