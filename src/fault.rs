@@ -222,9 +222,11 @@ mod tests {
         let t0 = Instant::now();
         let mut p = FaultyPipe::new(&cfg, 0);
         p.push(t0, "held");
-        let mut q = FaultyPipe::new(&FaultConfig::default(), 0);
-        q.push(t0, "x");
         assert_eq!(p.pop_due(t0), None);
         assert_eq!(p.next_due(), Some(t0 + Duration::from_millis(50)));
+        // A frame pushed later on a pipe without reordering arrives first.
+        let mut clean = FaultyPipe::new(&FaultConfig::default(), 0);
+        clean.push(t0 + Duration::from_millis(10), "later");
+        assert!(clean.next_due().unwrap() < p.next_due().unwrap());
     }
 }

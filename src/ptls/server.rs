@@ -212,13 +212,14 @@ impl Server {
     }
 
     /// Seal and indicate a command response on API_COMMANDS.
-    pub fn send_response(&mut self, now: Instant, plaintext: &[u8]) -> Result<(), SendError> {
-        self.send_record(now, Channel::ApiCommands, plaintext)
+    /// `now` is part of the contract; sealing itself needs no time.
+    pub fn send_response(&mut self, _now: Instant, plaintext: &[u8]) -> Result<(), SendError> {
+        self.send_record(Channel::ApiCommands, plaintext)
     }
 
     /// Seal and notify on NOTIFICATIONS (same counter as responses, spec §4).
-    pub fn send_notification(&mut self, now: Instant, plaintext: &[u8]) -> Result<(), SendError> {
-        self.send_record(now, Channel::Notifications, plaintext)
+    pub fn send_notification(&mut self, _now: Instant, plaintext: &[u8]) -> Result<(), SendError> {
+        self.send_record(Channel::Notifications, plaintext)
     }
 
     /// A plaintext frame (`0x00 ‖ body`), such as the answer to SET_SIGNED_DATETIME.
@@ -313,8 +314,8 @@ impl Server {
             return;
         }
         match header {
-            wire::HDR_HELLO => self.on_hello(now, body, frame),
-            wire::HDR_SERVER_VERIFY => self.on_challenge(now, body, frame),
+            wire::HDR_HELLO => self.on_hello(body, frame),
+            wire::HDR_SERVER_VERIFY => self.on_challenge(body, frame),
             wire::HDR_CLIENT_VERIFY_I | wire::HDR_CLIENT_VERIFY_II => {
                 self.on_fragment(now, header, frame)
             }
@@ -359,7 +360,7 @@ impl Server {
         }
     }
 
-    fn on_hello(&mut self, now: Instant, body: &[u8], frame: &[u8]) {
+    fn on_hello(&mut self, body: &[u8], frame: &[u8]) {
         self.timers.stop(Timer::Hello);
         self.drop_session();
         let ch = match ClientHello::parse(body) {
@@ -403,7 +404,6 @@ impl Server {
             channel: Channel::PtlsTx,
             bytes: sh_frame.clone(),
         });
-        let _ = now;
         self.state = State::ExpectChallenge(Box::new(Handshake {
             ch_frame: frame.to_vec(),
             ch: ch_bytes,
@@ -416,7 +416,7 @@ impl Server {
         }));
     }
 
-    fn on_challenge(&mut self, _now: Instant, body: &[u8], frame: &[u8]) {
+    fn on_challenge(&mut self, body: &[u8], frame: &[u8]) {
         let state = std::mem::replace(&mut self.state, State::ExpectHello);
         let State::ExpectChallenge(hs) = state else {
             self.state = state;
@@ -588,12 +588,7 @@ impl Server {
         }
     }
 
-    fn send_record(
-        &mut self,
-        _now: Instant,
-        channel: Channel,
-        plaintext: &[u8],
-    ) -> Result<(), SendError> {
+    fn send_record(&mut self, channel: Channel, plaintext: &[u8]) -> Result<(), SendError> {
         let max = self.config.max_records;
         let State::Established(s) = &mut self.state else {
             return Err(SendError::NoSession);
