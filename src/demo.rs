@@ -1,169 +1,313 @@
-//! `lockbridge demo`: the whole lock path on one machine with no setup. It writes a simulator
-//! world, serves it over the sim socket in-process, and drives a gateway client through the
-//! handshake (with the trusted-time flow on a lock that lost its clock), state, battery,
-//! unlock and lock, printing every step and the lock's event log.
+//! `lockbridge demo`: the whole gateway on one machine with no setup.
+//!
+//! It writes a world (simulated locks, an authority, a gateway key, a daemon config), serves the
+//! locks over the sim socket with a BLE timing model, starts the daemon against them, prints
+//! every lock's state changes, runs a short scripted unlock and lock, and keeps running until
+//! Ctrl-C. `--setup-only` just writes the world so its parts can be run as separate processes.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
+use serde::Serialize;
 
-use crate::authority::{self, Authority, IssueRequest};
-use crate::driver::{Driver, now};
+use crate::command::{Action, Mode, Outcome, Step};
+use crate::config::LinkPolicy;
 use crate::keys;
-use crate::link::sim::SimLink;
-use crate::ptls::api::{LockState, notif, op, result};
-use crate::ptls::cert::PERM_ALL;
-use crate::ptls::{Client, ClientConfig, ClientTiming};
+use crate::registry::{GatewayEvent, LinkStatus};
 use crate::sim::config::SimConfig;
 use crate::sim::serve::{ListenAddr, Listener, SimWorld, serve};
+use crate::supervisor::Request;
 
 pub struct DemoOptions {
     pub dir: Option<PathBuf>,
+    pub locks: usize,
+    pub setup_only: bool,
+    pub json: bool,
+    /// Exit after the scripted part instead of waiting for Ctrl-C.
+    pub once: bool,
+    /// BLE connection interval of the simulated links (0 = instant).
+    pub connection_interval_ms: u64,
 }
 
-pub async fn run(opts: DemoOptions, out: &mut dyn Write) -> anyhow::Result<()> {
-    let dir = match opts.dir {
+/// What `demo --setup-only --json` prints: `sim init`'s summary plus the daemon's config and
+/// the simulator's endpoint.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    #[serde(flatten)]
+    pub world: crate::sim::InitSummary,
+    pub daemon_config: PathBuf,
+    pub sim_endpoint: String,
+    pub control_socket: PathBuf,
+}
+
+/// Write the world: `sim init` plus the gateway key, the daemon config and the BLE timing.
+pub fn setup(dir: &Path, locks: usize, connection_interval_ms: u64) -> anyhow::Result<Summary> {
+    let world = crate::sim::init(dir, locks)?;
+    let (mut sim, _) = SimConfig::load(&world.sim_config)?;
+    sim.faults.connection_interval_ms = connection_interval_ms;
+    crate::sim::write_config(&world.sim_config, &sim)?;
+
+    let state_dir = dir.join("state");
+    keys::generate(&state_dir.join("gateway.key"))?;
+    let sim_endpoint = format!("unix:{}", dir.join("sim.sock").display());
+    let control_socket = dir.join("control.sock");
+    let mut toml = format!(
+        "# lockbridge daemon config for the demo world in {dir} (see etc/lockbridge.toml).\n\
+         # Run: lockbridge sim --config {dir}/sim.toml --listen {sim_endpoint}\n\
+         #      lockbridge run --config {dir}/lockbridge.toml\n\n\
+         [gateway]\nid = \"demo\"\nstate_dir = {state:?}\nkey_file = \"gateway.key\"\n\n\
+         [ble]\ntransport = \"sim\"\nsim_endpoint = {sim_endpoint:?}\nmax_connections = 3\n\n\
+         [credentials]\nprovider = \"authority\"\nauthority_dir = {authority:?}\n\n\
+         [control]\nsocket = {control:?}\n",
+        dir = dir.display(),
+        state = state_dir.display().to_string(),
+        authority = world.authority.display().to_string(),
+        control = control_socket.display().to_string(),
+    );
+    for (i, l) in world.locks.iter().enumerate() {
+        // Odd locks stay connected; even ones connect on demand, to show both policies.
+        let link = if i % 2 == 0 {
+            "persistent"
+        } else {
+            "on-demand"
+        };
+        toml.push_str(&format!(
+            "\n[[locks]]\nid = \"lock-{n}\"\nserial = \"{serial}\"\ndevice_id = {device}\npublic_key = \"{key}\"\nlink = \"{link}\"\n",
+            n = i + 1,
+            serial = l.serial,
+            device = l.device_id,
+            key = l.public_key,
+        ));
+    }
+    let daemon_config = dir.join("lockbridge.toml");
+    std::fs::write(&daemon_config, toml).with_context(|| daemon_config.display().to_string())?;
+    Ok(Summary {
+        world,
+        daemon_config,
+        sim_endpoint,
+        control_socket,
+    })
+}
+
+pub async fn run(
+    opts: DemoOptions,
+    out: &mut (dyn Write + Send),
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let dir = match opts.dir.clone() {
         Some(d) => d,
         None => std::env::temp_dir().join(format!("lockbridge-demo-{}", std::process::id())),
     };
-    writeln!(out, "lockbridge demo — simulated locks over the sim socket")?;
+    let summary = setup(&dir, opts.locks, opts.connection_interval_ms)?;
+    if opts.setup_only {
+        if opts.json {
+            writeln!(out, "{}", serde_json::to_string_pretty(&summary)?)?;
+        } else {
+            writeln!(out, "world written to {}", dir.display())?;
+            writeln!(
+                out,
+                "  lockbridge sim --config {} --listen {}",
+                summary.world.sim_config.display(),
+                summary.sim_endpoint
+            )?;
+            writeln!(
+                out,
+                "  lockbridge run --config {}",
+                summary.daemon_config.display()
+            )?;
+        }
+        return Ok(());
+    }
+
+    writeln!(
+        out,
+        "lockbridge demo — {} simulated locks, BLE connection interval {} ms",
+        opts.locks, opts.connection_interval_ms
+    )?;
     writeln!(out, "  world: {}", dir.display())?;
-    let summary = crate::sim::init(&dir, 2)?;
-    // The second lock has lost its clock, to show the trusted-time flow (spec §7).
-    let (mut config, _) = SimConfig::load(&summary.sim_config)?;
-    config.locks[1].behaviour.trusted_time = false;
-    crate::sim::write_config(&summary.sim_config, &config)?;
-    let (config, specs) = SimConfig::load(&summary.sim_config)?;
-
-    let authority = Authority::load(&summary.authority)?;
-    let gateway_key_path = dir.join("gateway.key");
-    let gateway_key = keys::generate(&gateway_key_path)?;
-    writeln!(
-        out,
-        "  gateway key: {} (public {})",
-        gateway_key_path.display(),
-        keys::public_b64(gateway_key.verifying_key())
-    )?;
-
-    let addr = ListenAddr::Unix(dir.join("sim.sock"));
+    let (sim_config, specs) = SimConfig::load(&summary.world.sim_config)?;
+    let addr: ListenAddr = summary
+        .sim_endpoint
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!(e))?;
     let listener = Listener::bind(&addr).await?;
-    let locks: Vec<(String, u32, p256::ecdsa::VerifyingKey)> = specs
+    let (stop_sim, sim_stopped) = tokio::sync::oneshot::channel::<()>();
+    let sim = tokio::spawn(serve(
+        SimWorld {
+            locks: specs,
+            faults: sim_config.faults.clone(),
+            event_log: sim_config.event_log.clone(),
+            seed: sim_config.seed,
+        },
+        listener,
+        async {
+            let _ = sim_stopped.await;
+        },
+    ));
+    writeln!(out, "  simulator on {addr}")?;
+
+    let config = crate::config::Config::load(&summary.daemon_config)?;
+    let policies: Vec<(String, LinkPolicy)> = config
+        .locks
         .iter()
-        .map(|s| (s.serial.clone(), s.device_id, *s.key.verifying_key()))
+        .map(|l| (l.id.clone(), l.link))
         .collect();
-    let event_log = config.event_log.clone();
-    let world = SimWorld {
-        locks: specs,
-        faults: config.faults.clone(),
-        event_log: event_log.clone(),
-        seed: config.seed,
-    };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let sim = tokio::spawn(serve(world, listener, async {
-        let _ = stop_rx.await;
-    }));
+    let daemon = crate::daemon::start(config).await?;
+    let sup = daemon.supervisor.clone();
     writeln!(
         out,
-        "  simulator: serving {} locks on {addr}\n",
-        locks.len()
+        "  daemon up; control socket {}\n",
+        summary.control_socket.display()
+    )?;
+    let mut events = sup.registry().subscribe();
+    let started = Instant::now();
+
+    // Wait until the persistent locks have their sessions.
+    let persistent: Vec<String> = policies
+        .iter()
+        .filter(|p| p.1 == LinkPolicy::Persistent)
+        .map(|p| p.0.clone())
+        .collect();
+    let ready = async {
+        loop {
+            let all_up = persistent.iter().all(|id| {
+                sup.registry()
+                    .get(id)
+                    .is_some_and(|v| v.status == LinkStatus::Connected && v.state.is_some())
+            });
+            if all_up {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), ready)
+        .await
+        .context("persistent locks did not come up within 30 s")?;
+    for v in sup.registry().all() {
+        writeln!(
+            out,
+            "{:<8} {:<10} {:<12} state {:<10} battery {}",
+            v.id,
+            format!("{:?}", v.link).to_lowercase(),
+            format!("{:?}", v.status).to_lowercase(),
+            v.state.map(|s| s.to_string()).unwrap_or_else(|| "?".into()),
+            v.battery
+                .map(|b| format!("{b}%"))
+                .unwrap_or_else(|| "?".into())
+        )?;
+    }
+    writeln!(
+        out,
+        "  (sessions up after {:.2} s)\n",
+        started.elapsed().as_secs_f64()
     )?;
 
-    for (i, (serial, device_id, lock_key)) in locks.iter().enumerate() {
-        let certificate = authority.issue(&IssueRequest {
-            device_id: *device_id,
-            client_public_key: *gateway_key.verifying_key(),
-            client_id: None,
-            days: 10,
-            permissions: PERM_ALL,
-            now_ms: authority::unix_ms_now(),
+    // The scripted part: a warm unlock and lock on a persistent lock, a cold one on demand.
+    let mut script: Vec<(String, Action)> = Vec::new();
+    if let Some(p) = persistent.first() {
+        script.push((p.clone(), Action::Unlock));
+        script.push((p.clone(), Action::Lock));
+    }
+    if let Some((od, _)) = policies.iter().find(|p| p.1 == LinkPolicy::OnDemand) {
+        script.push((od.clone(), Action::Unlock));
+    }
+    for (lock, action) in script {
+        let t = Instant::now();
+        let mut rx = sup.submit(Request {
+            id: None,
+            lock: lock.clone(),
+            action,
+            mode: Mode::Normal,
+            ttl: None,
+            origin: crate::control::ORIGIN.into(),
         });
-        let started = Instant::now();
-        let link = SimLink::connect(&addr, serial, 247).await?;
-        let config = ClientConfig {
-            signing_key: gateway_key.clone(),
-            certificate,
-            lock_public_key: *lock_key,
-            att_mtu: crate::link::Link::att_mtu(&link),
-            timing: ClientTiming::default(),
-        };
-        let mut client = Client::new(config, Box::new(rand_core::OsRng))?;
-        client.start(now(), authority::unix_ms_now());
-        let mut driver = Driver::new(link, client);
-        let mut time_synced = false;
-        let session = driver
-            .handshake(|| {
-                time_synced = true;
-                Some(authority.sign_time(authority::unix_ms_now()))
-            })
-            .await
-            .with_context(|| format!("handshake with {serial}"))?;
-        writeln!(
-            out,
-            "lock {serial}: handshake done in {:.1} ms, session {}{}",
-            ms(started.elapsed()),
-            hex::encode(session),
-            if time_synced {
-                " (lock had no trusted time: sent a signed time, then re-handshook)"
-            } else {
-                ""
-            }
-        )?;
-        let state = driver.command(&[op::GET_STATE]).await?;
-        let battery = driver.command(&[op::GET_BATTERY]).await?;
-        writeln!(
-            out,
-            "  state {}, battery {}%",
-            LockState::from_byte(state.data.first().copied().unwrap_or(0x09)),
-            battery.data.first().copied().unwrap_or(0)
-        )?;
-        if i == 0 {
-            for (name, opcode, target) in [
-                ("unlock", op::UNLOCK, LockState::Unlocked),
-                ("lock", op::LOCK, LockState::Locked),
-            ] {
-                let t = Instant::now();
-                let r = driver.command(&[opcode, 0x00]).await?;
-                if r.result != result::SUCCESS {
-                    bail!("{name} answered {}", result::name(r.result));
-                }
-                write!(out, "  {name}: accepted in {:.1} ms;", ms(t.elapsed()))?;
-                loop {
-                    let (id, params) = driver.notification(Duration::from_secs(10)).await?;
-                    if id != notif::LOCK_STATUS_CHANGE {
-                        continue;
-                    }
-                    let s = LockState::from_byte(params.first().copied().unwrap_or(0x09));
-                    write!(out, " → {s}")?;
-                    if s.is_stable() {
-                        writeln!(out, " ({:.2} s)", t.elapsed().as_secs_f64())?;
-                        if s != target {
-                            bail!("{name} ended {s}, expected {target}");
+        while let Some(r) = rx.recv().await {
+            match &r.step {
+                Step::Done { outcome } => {
+                    let detail = match outcome {
+                        Outcome::Success { state: Some(s), .. } => {
+                            format!("success, bolt {}", s.state)
                         }
-                        break;
-                    }
+                        other => serde_json::to_string(other)?,
+                    };
+                    writeln!(
+                        out,
+                        "{action:<6} {lock}: {detail} after {:.0} ms (id {})",
+                        t.elapsed().as_secs_f64() * 1000.0,
+                        r.id
+                    )?;
+                    break;
                 }
+                step => writeln!(
+                    out,
+                    "{action:<6} {lock}: {step:?} at {:.0} ms",
+                    t.elapsed().as_secs_f64() * 1000.0
+                )?,
             }
         }
-        driver.close().await;
     }
-    let _ = stop_tx.send(());
-    sim.await??;
-    if let Some(log) = event_log {
-        writeln!(out, "\nthe lock's event log ({}):", log.display())?;
-        write!(out, "{}", std::fs::read_to_string(&log).unwrap_or_default())?;
+    // State changes that happened during the script.
+    let mut changes = 0;
+    while let Ok(ev) = events.try_recv() {
+        if let GatewayEvent::LockChanged { lock } = ev {
+            changes += 1;
+            if changes <= 12 {
+                writeln!(
+                    out,
+                    "  event: {} {:?} {}",
+                    lock.id,
+                    lock.status,
+                    lock.state.map(|s| s.to_string()).unwrap_or_default()
+                )?;
+            }
+        }
     }
-    writeln!(out, "\nnext: serve this world yourself and try it:")?;
+    if let Some(log) = &sim_config.event_log {
+        writeln!(out, "\nthe locks' event log ({}):", log.display())?;
+        write!(out, "{}", std::fs::read_to_string(log).unwrap_or_default())?;
+    }
+    writeln!(out, "\ntry it yourself while this runs:")?;
     writeln!(
         out,
-        "  lockbridge sim --config {} --listen unix:{}",
-        summary.sim_config.display(),
-        Path::new(&dir).join("sim.sock").display()
+        "  lockbridge local --socket {} locks",
+        summary.control_socket.display()
     )?;
+    writeln!(
+        out,
+        "  lockbridge local --socket {} unlock lock-2 --id my-first-command",
+        summary.control_socket.display()
+    )?;
+    if !opts.once {
+        writeln!(out, "\nrunning; state changes follow. Ctrl-C to stop.")?;
+        out.flush()?;
+        let follow = async {
+            while let Ok(ev) = events.recv().await {
+                if let GatewayEvent::LockChanged { lock } = ev {
+                    let _ = writeln!(
+                        out,
+                        "  {} {:?} {}",
+                        lock.id,
+                        lock.status,
+                        lock.state.map(|s| s.to_string()).unwrap_or_default()
+                    );
+                    let _ = out.flush();
+                }
+            }
+        };
+        tokio::select! {
+            _ = shutdown => {}
+            _ = follow => {}
+        }
+    }
+    daemon.stop().await;
+    let _ = stop_sim.send(());
+    sim.await??;
     Ok(())
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
+/// The supervisor handle type the demo uses, re-exported for tests that script it.
+pub type SharedSupervisor = Arc<crate::supervisor::Supervisor>;

@@ -55,7 +55,12 @@ impl<L: Link> Driver<L> {
         &mut self.client
     }
 
-    async fn flush(&mut self) -> Result<(), DriveError> {
+    pub fn link(&self) -> &L {
+        &self.link
+    }
+
+    /// Write every frame the core has queued. Not cancel-safe: call it outside `select!`.
+    pub async fn flush(&mut self) -> Result<(), DriveError> {
         while let Some(t) = self.client.poll_transmit() {
             match self.link.write(t.channel, &t.bytes).await {
                 Ok(()) => {}
@@ -68,6 +73,27 @@ impl<L: Link> Driver<L> {
         Ok(())
     }
 
+    /// Wait for one value from the link or the core's next timer, and feed it to the core.
+    /// Cancel-safe: it only awaits the link's `recv` and a sleep.
+    pub async fn step(&mut self) -> Result<(), DriveError> {
+        let deadline = self
+            .client
+            .poll_timeout()
+            .map(tokio::time::Instant::from_std);
+        tokio::select! {
+            ev = self.link.recv() => match ev {
+                LinkEvent::Value { channel, value } => {
+                    self.client.handle_input(now(), channel, &value)
+                }
+                LinkEvent::Disconnected { reason } => {
+                    return Err(DriveError::Disconnected(reason))
+                }
+            },
+            _ = sleep_until(deadline) => self.client.handle_timeout(now()),
+        }
+        Ok(())
+    }
+
     /// The client's next event, pumping the link and the timers meanwhile.
     pub async fn next_event(&mut self) -> Result<Event, DriveError> {
         loop {
@@ -75,22 +101,13 @@ impl<L: Link> Driver<L> {
             if let Some(e) = self.client.poll_event() {
                 return Ok(e);
             }
-            let deadline = self
-                .client
-                .poll_timeout()
-                .map(tokio::time::Instant::from_std);
-            tokio::select! {
-                ev = self.link.recv() => match ev {
-                    LinkEvent::Value { channel, value } => {
-                        self.client.handle_input(now(), channel, &value)
-                    }
-                    LinkEvent::Disconnected { reason } => {
-                        return Err(DriveError::Disconnected(reason))
-                    }
-                },
-                _ = sleep_until(deadline) => self.client.handle_timeout(now()),
-            }
+            self.step().await?;
         }
+    }
+
+    /// Take the notifications kept while waiting for something else.
+    pub fn take_notifications(&mut self) -> Vec<(u8, Vec<u8>)> {
+        self.notifications.drain(..).collect()
     }
 
     /// Run the handshake to INITIALIZED, answering the lock's request for trusted time with
@@ -157,7 +174,7 @@ impl<L: Link> Driver<L> {
     }
 }
 
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+pub async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,

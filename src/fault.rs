@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 use serde::Deserialize;
 
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FaultConfig {
     /// Probability that a frame is lost.
@@ -26,6 +26,9 @@ pub struct FaultConfig {
     pub jitter_ms: u64,
     /// Cut the link when this many frames have passed (counted per pipe).
     pub disconnect_after_frames: Option<u64>,
+    /// BLE timing model: a value goes over the air only at a connection event, every this
+    /// many milliseconds (0 = off). Applied after delay and jitter.
+    pub connection_interval_ms: u64,
     pub seed: u64,
 }
 
@@ -37,6 +40,7 @@ impl FaultConfig {
             && self.delay_ms == 0
             && self.jitter_ms == 0
             && self.disconnect_after_frames.is_none()
+            && self.connection_interval_ms == 0
     }
 
     /// Check that probabilities are probabilities.
@@ -72,6 +76,8 @@ pub struct FaultyPipe<T> {
     queue: Vec<(Instant, u64, T)>,
     seq: u64,
     frames: u64,
+    /// Connection events happen at `epoch + k × interval`.
+    epoch: Option<Instant>,
 }
 
 impl<T: Clone> FaultyPipe<T> {
@@ -85,6 +91,7 @@ impl<T: Clone> FaultyPipe<T> {
             queue: Vec::new(),
             seq: 0,
             frames: 0,
+            epoch: None,
         }
     }
 
@@ -101,10 +108,12 @@ impl<T: Clone> FaultyPipe<T> {
             return Fate::Dropped;
         }
         let duplicate = self.chance(self.config.duplicate);
-        let at = now + self.delay();
+        let delay = self.delay();
+        let at = self.on_air(now, now + delay);
         self.insert(at, item.clone());
         if duplicate {
-            let at = now + self.delay();
+            let delay = self.delay();
+            let at = self.on_air(now, now + delay);
             self.insert(at, item);
             return Fate::Duplicated;
         }
@@ -133,6 +142,21 @@ impl<T: Clone> FaultyPipe<T> {
 
     pub fn clear(&mut self) {
         self.queue.clear();
+    }
+
+    /// The next connection event at or after `at` (the BLE timing model).
+    fn on_air(&mut self, now: Instant, at: Instant) -> Instant {
+        let interval = self.config.connection_interval_ms;
+        if interval == 0 {
+            return at;
+        }
+        let epoch = *self.epoch.get_or_insert(now);
+        let interval = Duration::from_millis(interval);
+        let since = at.saturating_duration_since(epoch);
+        let events = since.as_nanos().div_ceil(interval.as_nanos());
+        let events = u32::try_from(events).unwrap_or(u32::MAX);
+        // A value cannot go out in the same event it was queued in unless it is already due.
+        epoch + interval * events.max(1)
     }
 
     fn insert(&mut self, at: Instant, item: T) {
@@ -197,6 +221,29 @@ mod tests {
         let dup = a.iter().filter(|f| **f == Fate::Duplicated).count();
         assert!((1800..2200).contains(&lost), "lost {lost}");
         assert!((300..500).contains(&dup), "duplicated {dup}");
+    }
+
+    #[test]
+    fn ble_timing_delivers_at_connection_events() {
+        let cfg = FaultConfig {
+            connection_interval_ms: 30,
+            ..FaultConfig::default()
+        };
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut p = FaultyPipe::new(&cfg, 0);
+        p.push(t0, 1);
+        assert_eq!(p.next_due(), Some(t0 + ms(30)));
+        assert_eq!(p.pop_due(t0 + ms(30)), Some(1));
+        p.push(t0 + ms(31), 2);
+        assert_eq!(p.next_due(), Some(t0 + ms(60)));
+        p.push(t0 + ms(59), 3);
+        let _ = p.pop_due(t0 + ms(60));
+        assert_eq!(
+            p.pop_due(t0 + ms(60)),
+            Some(3),
+            "both go in the event at 60 ms"
+        );
     }
 
     #[test]

@@ -27,11 +27,23 @@
 //! - [`telemetry`] — logging through the `log` facade.
 
 pub mod authority;
+pub mod command;
+pub mod config;
+pub mod control;
+pub mod credentials;
+pub mod daemon;
 pub mod demo;
 pub mod driver;
 pub mod fault;
+pub mod idstore;
 pub mod keys;
+pub mod ledger;
 pub mod link;
 pub mod ptls;
+pub mod registry;
+pub mod session;
 pub mod sim;
+pub mod slots;
+pub mod supervisor;
+pub mod systemd;
 pub mod telemetry;

@@ -27,11 +27,46 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run simulated locks, a gateway client and every step from handshake to unlock.
+    /// Run the gateway daemon.
+    Run {
+        #[arg(long, default_value = lockbridge::config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// Check a configuration file (and LOCKBRIDGE_* overrides); exit non-zero with the reason.
+    CheckConfig {
+        #[arg(long, default_value = lockbridge::config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// Talk to the running daemon over its local control socket (origin `cli`).
+    Local {
+        /// The daemon's control socket (its `control.socket`).
+        #[arg(long, default_value = "/run/lockbridge/control.sock")]
+        socket: PathBuf,
+        /// Print JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        what: LocalCommand,
+    },
+    /// Run simulated locks and the daemon against them, with a scripted unlock and lock.
     Demo {
         /// Where to write the demo's world (default: a new directory under $TMPDIR).
         #[arg(long)]
         dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 4)]
+        locks: usize,
+        /// Only write the world (sim.toml, keys, authority, lockbridge.toml).
+        #[arg(long)]
+        setup_only: bool,
+        /// With --setup-only: print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Exit after the scripted part instead of running until Ctrl-C.
+        #[arg(long)]
+        once: bool,
+        /// BLE connection interval of the simulated links, in ms (0 = instant).
+        #[arg(long, default_value_t = 30)]
+        connection_interval_ms: u64,
     },
     /// Serve simulated locks over the sim socket, or `sim init` a new world.
     #[command(args_conflicts_with_subcommands = true)]
@@ -47,6 +82,34 @@ enum Command {
     /// The certificate and time authority.
     #[command(subcommand)]
     Authority(AuthorityCommand),
+}
+
+#[derive(Subcommand)]
+enum LocalCommand {
+    /// Every lock and its state.
+    Locks,
+    /// One lock's state.
+    State {
+        lock: String,
+    },
+    /// Lock, unlock or pull; prints each step and the outcome.
+    Lock(LocalAction),
+    Unlock(LocalAction),
+    Pull(LocalAction),
+}
+
+#[derive(Args)]
+struct LocalAction {
+    lock: String,
+    /// normal, auto, force or without-pull
+    #[arg(long, default_value = "normal")]
+    mode: lockbridge::command::Mode,
+    /// Command id: repeating an id returns the first outcome and never actuates twice.
+    #[arg(long)]
+    id: Option<String>,
+    /// Seconds before the command expires if it could not be sent.
+    #[arg(long)]
+    ttl: Option<u64>,
 }
 
 #[derive(Args)]
@@ -112,8 +175,15 @@ enum AuthorityCommand {
 }
 
 fn main() -> std::process::ExitCode {
-    lockbridge::telemetry::init_stderr();
     let cli = Cli::parse();
+    if let Command::Run { config } = &cli.command {
+        return run_daemon(config);
+    }
+    // The demo prints its own story; only warnings and errors go to stderr by default.
+    match &cli.command {
+        Command::Demo { .. } => lockbridge::telemetry::init_stderr_at("warn"),
+        _ => lockbridge::telemetry::init_stderr(),
+    }
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -130,13 +200,76 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// `lockbridge run`: configuration errors exit with EX_CONFIG before anything starts.
+fn run_daemon(path: &std::path::Path) -> std::process::ExitCode {
+    let config = match lockbridge::config::Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("lockbridge: {e}");
+            return std::process::ExitCode::from(lockbridge::daemon::EXIT_CONFIG);
+        }
+    };
+    lockbridge::telemetry::init_daemon(&config.log.level);
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let daemon = lockbridge::daemon::start(config).await?;
+            shutdown_signal().await;
+            daemon.stop().await;
+            anyhow::Ok(())
+        })
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e:#}");
+            eprintln!("lockbridge: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match cli.command {
-        Command::Demo { dir } => runtime()?.block_on(lockbridge::demo::run(
-            lockbridge::demo::DemoOptions { dir },
-            &mut out,
-        )),
+        Command::Run { .. } => unreachable!("handled in main"),
+        Command::CheckConfig { config } => {
+            let c = lockbridge::config::Config::load(&config)?;
+            writeln!(
+                out,
+                "{}: ok ({} locks, transport {:?}, credentials {:?})",
+                config.display(),
+                c.locks.len(),
+                c.ble.transport,
+                c.credentials.provider
+            )?;
+            Ok(())
+        }
+        Command::Local { socket, json, what } => {
+            runtime()?.block_on(local(&socket, json, what, &mut out))
+        }
+        Command::Demo {
+            dir,
+            locks,
+            setup_only,
+            json,
+            once,
+            connection_interval_ms,
+        } => {
+            drop(out);
+            let mut out = std::io::stdout();
+            runtime()?.block_on(lockbridge::demo::run(
+                lockbridge::demo::DemoOptions {
+                    dir,
+                    locks,
+                    setup_only,
+                    json,
+                    once,
+                    connection_interval_ms,
+                },
+                &mut out,
+                shutdown_signal(),
+            ))
+        }
         Command::Sim {
             init: Some(SimCommand::Init { dir, locks }),
             ..
@@ -227,6 +360,88 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn local(
+    socket: &std::path::Path,
+    json: bool,
+    what: LocalCommand,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    use lockbridge::control::{ControlClient, Request};
+    let mut client = ControlClient::connect(socket).await?;
+    let (action, a) = match what {
+        LocalCommand::Locks | LocalCommand::State { .. } => {
+            let req = match what {
+                LocalCommand::State { lock } => Request::State { lock },
+                _ => Request::Locks,
+            };
+            client.request(&req).await?;
+            let v = client.line().await?;
+            if let Some(e) = v.get("error") {
+                anyhow::bail!("{}", e.as_str().unwrap_or("error"));
+            }
+            if json {
+                writeln!(out, "{v}")?;
+            } else {
+                let list = v.as_array().cloned().unwrap_or_else(|| vec![v.clone()]);
+                for l in list {
+                    writeln!(
+                        out,
+                        "{:<16} {:<15} {:<18} battery {:>4}  {}",
+                        l["id"].as_str().unwrap_or("?"),
+                        l["status"].as_str().unwrap_or("?"),
+                        l["state"].as_str().unwrap_or("unknown"),
+                        l["battery"]
+                            .as_u64()
+                            .map(|b| format!("{b}%"))
+                            .unwrap_or_else(|| "?".into()),
+                        l["last_error"].as_str().unwrap_or("")
+                    )?;
+                }
+            }
+            return Ok(());
+        }
+        LocalCommand::Lock(a) => (lockbridge::command::Action::Lock, a),
+        LocalCommand::Unlock(a) => (lockbridge::command::Action::Unlock, a),
+        LocalCommand::Pull(a) => (lockbridge::command::Action::Pull, a),
+    };
+    let reports = client
+        .command(&Request::Command {
+            lock: a.lock,
+            action,
+            mode: a.mode,
+            id: a.id,
+            ttl_s: a.ttl,
+        })
+        .await?;
+    let mut success = false;
+    for r in &reports {
+        if json {
+            writeln!(out, "{}", serde_json::to_string(r)?)?;
+        } else {
+            match r.outcome() {
+                None => writeln!(out, "{} {} {}: {:?}", r.action, r.lock, r.id, r.step)?,
+                Some(o) => writeln!(
+                    out,
+                    "{} {} {}: {}{}",
+                    r.action,
+                    r.lock,
+                    r.id,
+                    serde_json::to_string(o)?,
+                    if r.repeated { " (remembered)" } else { "" }
+                )?,
+            }
+        }
+        success |= matches!(
+            r.outcome(),
+            Some(lockbridge::command::Outcome::Success { .. })
+        );
+    }
+    if !success {
+        anyhow::bail!("the command did not succeed");
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -29,11 +29,11 @@ pub mod wire;
 
 use std::time::{Duration, Instant};
 
+pub use api::Alert;
 pub use client::{Client, ClientConfig, ClientTiming, Event, Unanswered};
 pub use server::{DisconnectReason, Server, ServerConfig, ServerEvent};
 pub use wire::Channel;
 
-use api::Alert;
 use cert::CertError;
 use wire::Malformed;
 

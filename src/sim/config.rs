@@ -21,7 +21,7 @@ pub struct SimConfig {
     #[serde(default)]
     pub seed: u64,
     /// Faults applied to every link (values in both directions).
-    #[serde(default, skip_serializing)]
+    #[serde(default)]
     pub faults: FaultConfig,
     #[serde(rename = "lock")]
     pub locks: Vec<LockConfig>,

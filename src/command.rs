@@ -1,0 +1,251 @@
+//! Commands and their outcomes (design §3, the safety core).
+//!
+//! Every command — from the control socket, and later CoAP and MQTT — becomes one [`Command`]
+//! and gets exactly one terminal [`Outcome`], after the progress steps `accepted` and `sent`.
+
+use std::fmt;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ptls::api::{LockState, mode, op};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Read state and battery.
+    Read,
+    Lock,
+    Unlock,
+    /// Pull the latch (pull spring).
+    Pull,
+}
+
+impl Action {
+    pub const ALL: [Action; 4] = [Action::Read, Action::Lock, Action::Unlock, Action::Pull];
+
+    pub fn is_actuating(self) -> bool {
+        !matches!(self, Action::Read)
+    }
+
+    pub fn opcode(self) -> u8 {
+        match self {
+            Action::Read => op::GET_STATE,
+            Action::Lock => op::LOCK,
+            Action::Unlock => op::UNLOCK,
+            Action::Pull => op::PULL_SPRING,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Read => "read",
+            Action::Lock => "lock",
+            Action::Unlock => "unlock",
+            Action::Pull => "pull",
+        }
+    }
+
+    /// The stable state a successful movement should end in.
+    pub fn target(self) -> Option<LockState> {
+        match self {
+            Action::Lock => Some(LockState::Locked),
+            Action::Unlock | Action::Pull => Some(LockState::Unlocked),
+            Action::Read => None,
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Action {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Action::ALL
+            .into_iter()
+            .find(|a| a.name() == s)
+            .ok_or_else(|| format!("unknown action {s:?}; use read, lock, unlock or pull"))
+    }
+}
+
+/// The mode byte of LOCK and UNLOCK (spec §5.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    #[default]
+    Normal,
+    Auto,
+    Force,
+    WithoutPull,
+}
+
+impl Mode {
+    pub fn byte(self) -> u8 {
+        match self {
+            Mode::Normal => mode::NORMAL,
+            Mode::Auto => mode::AUTO,
+            Mode::Force => mode::FORCE,
+            Mode::WithoutPull => mode::WITHOUT_PULL,
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "normal" => Ok(Mode::Normal),
+            "auto" => Ok(Mode::Auto),
+            "force" => Ok(Mode::Force),
+            "without-pull" => Ok(Mode::WithoutPull),
+            _ => Err(format!(
+                "unknown mode {s:?}; use normal, auto, force or without-pull"
+            )),
+        }
+    }
+}
+
+/// One command on its way to a lock.
+#[derive(Clone, Debug)]
+pub struct Command {
+    pub id: String,
+    /// The lock's configured id.
+    pub lock: String,
+    pub action: Action,
+    pub mode: Mode,
+    /// Never sent after this instant.
+    pub deadline: Instant,
+    /// Who asked: `cli`, `mqtt`, or a DTLS identity.
+    pub origin: String,
+}
+
+impl Command {
+    /// `OPCODE ‖ PARAMS` for the lock.
+    pub fn body(&self) -> Vec<u8> {
+        match self.action {
+            Action::Read => vec![op::GET_STATE],
+            Action::Pull => vec![op::PULL_SPRING],
+            Action::Lock | Action::Unlock => vec![self.action.opcode(), self.mode.byte()],
+        }
+    }
+}
+
+/// What the lock looked like when an outcome was decided.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateReading {
+    pub state: LockState,
+    pub jammed: bool,
+}
+
+/// The one terminal outcome of a command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    /// The lock accepted it; for motion, `state` is where the bolt stopped (maybe jammed).
+    Success {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        state: Option<StateReading>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        battery: Option<u8>,
+    },
+    /// `reason`: a lock result (`busy`, `no-permission`, …), `unreachable`, `not-registered`,
+    /// `invalid-cert`, `queue-full`, `shutting-down`.
+    Failed { reason: String },
+    /// Not allowed for this origin, or the command was retained/stale by policy.
+    Denied { reason: String },
+    /// The deadline passed before it was sent; it was never sent.
+    Expired,
+    /// It may have reached the lock but no response came; `state` was read back afterwards.
+    Ambiguous {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        state: Option<StateReading>,
+        reason: String,
+    },
+}
+
+impl Outcome {
+    pub fn failed(reason: impl Into<String>) -> Outcome {
+        Outcome::Failed {
+            reason: reason.into(),
+        }
+    }
+
+    pub fn status(&self) -> &'static str {
+        match self {
+            Outcome::Success { .. } => "success",
+            Outcome::Failed { .. } => "failed",
+            Outcome::Denied { .. } => "denied",
+            Outcome::Expired => "expired",
+            Outcome::Ambiguous { .. } => "ambiguous",
+        }
+    }
+}
+
+/// A progress step or the terminal outcome, as reported to whoever sent the command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum Step {
+    Accepted,
+    /// Written to the lock (or about to be: the id is on disk first).
+    Sent,
+    Done {
+        outcome: Outcome,
+    },
+}
+
+/// A step for one command id, with enough context to be logged or published on its own.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub id: String,
+    pub lock: String,
+    pub action: Action,
+    #[serde(flatten)]
+    pub step: Step,
+    /// Set when this outcome was remembered from an earlier command with the same id.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub repeated: bool,
+}
+
+impl Report {
+    pub fn outcome(&self) -> Option<&Outcome> {
+        match &self.step {
+            Step::Done { outcome } => Some(outcome),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_json_is_flat_and_readable() {
+        let r = Report {
+            id: "a1".into(),
+            lock: "front".into(),
+            action: Action::Unlock,
+            step: Step::Done {
+                outcome: Outcome::Success {
+                    state: Some(StateReading {
+                        state: LockState::Unlocked,
+                        jammed: false,
+                    }),
+                    battery: None,
+                },
+            },
+            repeated: false,
+        };
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            json,
+            r#"{"id":"a1","lock":"front","action":"unlock","step":"done","outcome":{"status":"success","state":{"state":"unlocked","jammed":false}}}"#
+        );
+        let back: Report = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, r);
+    }
+}

@@ -1,0 +1,206 @@
+//! The local control socket: the `cli` origin. JSON lines over a Unix socket; a request is one
+//! line, the answer one line per progress step (commands) or one line (queries).
+//!
+//! ```text
+//! {"op":"locks"}                                        → [LockView, …]
+//! {"op":"state","lock":"front"}                         → LockView
+//! {"op":"command","lock":"front","action":"unlock",
+//!  "mode":"normal","id":"abc","ttl_s":30}               → Report lines until "step":"done"
+//! ```
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::command::{Action, Mode, Report};
+use crate::supervisor::{Request as CommandRequest, Supervisor};
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Locks,
+    State {
+        lock: String,
+    },
+    Command {
+        lock: String,
+        action: Action,
+        #[serde(default)]
+        mode: Mode,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ttl_s: Option<u64>,
+    },
+}
+
+pub const ORIGIN: &str = "cli";
+
+/// Bind the socket (replacing a stale one), mode 0660.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        // A live daemon answers; a stale socket file from a crash does not.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!(
+                    "{} is in use: is another lockbridge running?",
+                    path.display()
+                ),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+pub async fn serve(listener: UnixListener, supervisor: Arc<Supervisor>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let sup = supervisor.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(stream, sup).await {
+                        log::debug!("control connection: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                log::warn!("control socket: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn handle(stream: UnixStream, supervisor: Arc<Supervisor>) -> std::io::Result<()> {
+    let (rd, mut wr) = stream.into_split();
+    let mut lines = BufReader::new(rd).lines();
+    while let Some(line) = lines.next_line().await? {
+        let request: Request = match serde_json::from_str(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                let msg = serde_json::json!({"error": format!("bad request: {e}")});
+                wr.write_all(format!("{msg}\n").as_bytes()).await?;
+                continue;
+            }
+        };
+        match request {
+            Request::Locks => {
+                let all = supervisor.registry().all();
+                write_json(&mut wr, &all).await?;
+            }
+            Request::State { lock } => match supervisor.registry().get(&lock) {
+                Some(v) => write_json(&mut wr, &v).await?,
+                None => {
+                    write_json(
+                        &mut wr,
+                        &serde_json::json!({"error": format!("unknown lock {lock:?}")}),
+                    )
+                    .await?
+                }
+            },
+            Request::Command {
+                lock,
+                action,
+                mode,
+                id,
+                ttl_s,
+            } => {
+                let mut rx = supervisor.submit(CommandRequest {
+                    id,
+                    lock,
+                    action,
+                    mode,
+                    ttl: ttl_s.map(Duration::from_secs),
+                    origin: ORIGIN.into(),
+                });
+                while let Some(report) = rx.recv().await {
+                    let done = report.outcome().is_some();
+                    write_json(&mut wr, &report).await?;
+                    if done {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn write_json<W: AsyncWriteExt + Unpin, T: Serialize>(
+    w: &mut W,
+    v: &T,
+) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(v).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    w.write_all(&line).await
+}
+
+/// The client side, for `lockbridge local …` and tests.
+pub struct ControlClient {
+    lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    wr: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl ControlClient {
+    pub async fn connect(path: &Path) -> std::io::Result<ControlClient> {
+        let stream = UnixStream::connect(path).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "{}: {e} (is `lockbridge run` up? see control.socket in its config)",
+                    path.display()
+                ),
+            )
+        })?;
+        let (rd, wr) = stream.into_split();
+        Ok(ControlClient {
+            lines: BufReader::new(rd).lines(),
+            wr,
+        })
+    }
+
+    pub async fn request(&mut self, req: &Request) -> std::io::Result<()> {
+        write_json(&mut self.wr, req).await
+    }
+
+    pub async fn line(&mut self) -> std::io::Result<serde_json::Value> {
+        let line = self.lines.next_line().await?.ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "daemon closed the connection",
+            )
+        })?;
+        serde_json::from_str(&line).map_err(std::io::Error::other)
+    }
+
+    /// Send a command and collect its reports up to the terminal one.
+    pub async fn command(&mut self, req: &Request) -> std::io::Result<Vec<Report>> {
+        self.request(req).await?;
+        let mut out = Vec::new();
+        loop {
+            let v = self.line().await?;
+            let r: Report = serde_json::from_value(v).map_err(std::io::Error::other)?;
+            let done = r.outcome().is_some();
+            out.push(r);
+            if done {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+pub fn default_socket() -> PathBuf {
+    PathBuf::from("/run/lockbridge/control.sock")
+}

@@ -1,0 +1,158 @@
+//! `lockbridge run`: the daemon. Start-up order: configuration, gateway key, credentials,
+//! command-id store, sessions, control socket — then READY=1. SIGTERM/SIGINT: STOPPING=1, stop
+//! taking commands, let in-flight ones finish or time out, ALERT 0x04 on every link, exit 0.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::authority::unix_ms_now;
+use crate::config::{Config, Transport};
+use crate::idstore::IdStore;
+use crate::ledger::Ledger;
+use crate::registry::{GatewayEvent, LinkStatus, Registry};
+use crate::session::SimConnector;
+use crate::supervisor::{Supervisor, initial_view};
+use crate::{control, credentials, keys, systemd};
+
+/// How long shutdown waits for in-flight commands.
+pub const SHUTDOWN_LIMIT: Duration = Duration::from_secs(15);
+
+/// Exit code for a configuration or credential error found before anything started.
+pub const EXIT_CONFIG: u8 = 78; // EX_CONFIG
+
+/// Everything that is up once [`start`] returns.
+pub struct Daemon {
+    pub supervisor: Arc<Supervisor>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Bring the daemon up: the caller then waits for its shutdown signal and calls
+/// [`Daemon::stop`].
+pub async fn start(config: Config) -> anyhow::Result<Daemon> {
+    let config = Arc::new(config);
+    let key_path = config.key_path();
+    let gateway_key = keys::load(&key_path).context("gateway key")?;
+    let credentials =
+        credentials::provider(&config, *gateway_key.verifying_key()).context("credentials")?;
+    let store = IdStore::open(
+        &config.gateway.state_dir,
+        config.commands.remember_ids_h * 3_600_000,
+        unix_ms_now(),
+    )?;
+    let registry = Arc::new(Registry::new(config.locks.iter().map(initial_view)));
+    let ledger = Arc::new(Ledger::new(store, registry.clone()));
+    let supervisor = match config.ble.transport {
+        Transport::Sim => {
+            let addr = config
+                .ble
+                .sim_endpoint
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("ble.sim_endpoint: {e}"))?;
+            Arc::new(Supervisor::start(
+                config.clone(),
+                gateway_key,
+                credentials,
+                Arc::new(SimConnector { addr }),
+                registry.clone(),
+                ledger,
+            ))
+        }
+        Transport::Ble => bail!(
+            "ble.transport = \"ble\": the BlueZ link is not in this build yet; use transport = \"sim\" with a simulator"
+        ),
+    };
+    let listener = control::bind(&config.control.socket)
+        .with_context(|| format!("control socket {}", config.control.socket.display()))?;
+    let mut tasks = vec![tokio::spawn(control::serve(listener, supervisor.clone()))];
+    tasks.push(tokio::spawn(liveness(supervisor.clone())));
+    log::info!(
+        "lockbridge {} up: gateway {}, {} locks, {} connection slots, control socket {}",
+        env!("CARGO_PKG_VERSION"),
+        config.gateway.id,
+        config.locks.len(),
+        config.ble.max_connections,
+        config.control.socket.display()
+    );
+    systemd::notify(&format!(
+        "READY=1\nSTATUS=serving {} locks",
+        config.locks.len()
+    ));
+    if let Some(interval) = systemd::watchdog_interval() {
+        tasks.push(tokio::spawn(watchdog(supervisor.clone(), interval)));
+    }
+    Ok(Daemon { supervisor, tasks })
+}
+
+impl Daemon {
+    pub async fn stop(self) {
+        systemd::notify("STOPPING=1");
+        log::info!("stopping: no new commands; finishing in-flight ones");
+        self.supervisor.shutdown(SHUTDOWN_LIMIT).await;
+        for t in &self.tasks {
+            t.abort();
+        }
+        let _ = std::fs::remove_file(&self.supervisor.config().control.socket);
+        log::info!("stopped");
+    }
+}
+
+/// Run until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let daemon = start(config).await?;
+    shutdown.await;
+    daemon.stop().await;
+    Ok(())
+}
+
+/// Feed the systemd watchdog only while every session task's loop is turning.
+async fn watchdog(supervisor: Arc<Supervisor>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval / 2);
+    loop {
+        tick.tick().await;
+        let age = unix_ms_now().saturating_sub(supervisor.oldest_heartbeat_ms());
+        if age < interval.as_millis() as u64 {
+            systemd::notify("WATCHDOG=1");
+        } else {
+            log::error!("a session task has not run for {age} ms; not feeding the watchdog");
+        }
+    }
+}
+
+/// Report locks that should be reachable but make no progress (log and event).
+async fn liveness(supervisor: Arc<Supervisor>) {
+    let stall_ms = supervisor.config().liveness.stall_after_s * 1000;
+    let mut reported = std::collections::HashSet::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        let now = unix_ms_now();
+        for v in supervisor.registry().all() {
+            let expected = matches!(
+                v.status,
+                LinkStatus::Connected | LinkStatus::Connecting | LinkStatus::Unreachable
+            );
+            let stalled = expected && now.saturating_sub(v.progress_ms) > stall_ms;
+            if stalled && reported.insert(v.id.clone()) {
+                log::warn!(
+                    "lock {} has made no progress for {} s ({:?}{})",
+                    v.id,
+                    now.saturating_sub(v.progress_ms) / 1000,
+                    v.status,
+                    v.last_error
+                        .as_deref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                );
+                supervisor.registry().publish(GatewayEvent::Stalled {
+                    lock: v.id.clone(),
+                    since_ms: v.progress_ms,
+                });
+            } else if !stalled {
+                reported.remove(&v.id);
+            }
+        }
+    }
+}

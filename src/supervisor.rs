@@ -1,0 +1,253 @@
+//! The supervisor owns every session: it keeps the lock registry, checks permissions, turns
+//! requests into commands with ids and deadlines, de-duplicates ids, routes commands to the
+//! lock's bounded queue, restarts a session task that dies, and shuts everything down
+//! gracefully.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use p256::ecdsa::SigningKey;
+use rand_core::{OsRng, RngCore};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::authority::unix_ms_now;
+use crate::command::{Action, Command, Mode, Outcome, Report, Step};
+use crate::config::Config;
+use crate::credentials::CredentialProvider;
+use crate::driver::now;
+use crate::ledger::{Begin, Ledger};
+use crate::registry::{LinkStatus, LockView, Registry};
+use crate::session::{Connector, Job, Session, SessionParams};
+use crate::slots::Slots;
+
+/// A command as a front end asks for it.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// The client's id for idempotency; one is made up when absent.
+    pub id: Option<String>,
+    pub lock: String,
+    pub action: Action,
+    pub mode: Mode,
+    /// Time to live; the configured default when absent.
+    pub ttl: Option<Duration>,
+    pub origin: String,
+}
+
+pub struct Supervisor {
+    config: Arc<Config>,
+    registry: Arc<Registry>,
+    ledger: Arc<Ledger>,
+    queues: HashMap<String, mpsc::Sender<Job>>,
+    heartbeats: HashMap<String, Arc<AtomicU64>>,
+    accepting: AtomicBool,
+    stop: watch::Sender<bool>,
+    tasks: tokio::sync::Mutex<JoinSet<()>>,
+}
+
+pub fn initial_view(entry: &crate::config::LockEntry) -> LockView {
+    LockView {
+        id: entry.id.clone(),
+        serial: entry.serial.clone(),
+        link: entry.link,
+        status: LinkStatus::Idle,
+        state: None,
+        jammed: false,
+        battery: None,
+        charging: false,
+        available: true,
+        session_established_ms: None,
+        session_expires_ms: None,
+        updated_ms: unix_ms_now(),
+        progress_ms: unix_ms_now(),
+        last_error: None,
+    }
+}
+
+impl Supervisor {
+    /// Start one session per configured lock.
+    pub fn start<C: Connector>(
+        config: Arc<Config>,
+        gateway_key: SigningKey,
+        credentials: Arc<dyn CredentialProvider>,
+        connector: Arc<C>,
+        registry: Arc<Registry>,
+        ledger: Arc<Ledger>,
+    ) -> Supervisor {
+        let slots = Slots::new(config.ble.max_connections);
+        let persistent = config
+            .locks
+            .iter()
+            .filter(|l| l.link == crate::config::LinkPolicy::Persistent)
+            .count();
+        if persistent > config.ble.max_connections {
+            log::warn!(
+                "{persistent} persistent locks but ble.max_connections = {}: they will take turns; make some on-demand",
+                config.ble.max_connections
+            );
+        }
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let mut queues = HashMap::new();
+        let mut heartbeats = HashMap::new();
+        for entry in &config.locks {
+            let lock_key = match crate::keys::parse_public_b64(&entry.public_key) {
+                Ok(k) => k,
+                Err(e) => {
+                    // Config validation makes this unreachable; report rather than panic.
+                    log::error!("lock {}: {e}", entry.id);
+                    continue;
+                }
+            };
+            let (tx, rx) = mpsc::channel(config.commands.queue_depth);
+            let heartbeat = Arc::new(AtomicU64::new(unix_ms_now()));
+            queues.insert(entry.id.clone(), tx);
+            heartbeats.insert(entry.id.clone(), heartbeat.clone());
+            let params = SessionParams {
+                entry: entry.clone(),
+                lock_key,
+                gateway_key: gateway_key.clone(),
+                credentials: credentials.clone(),
+                slots: slots.clone(),
+                registry: registry.clone(),
+                ledger: ledger.clone(),
+                att_mtu: config.ble.att_mtu,
+                connect_timeout: Duration::from_secs(config.ble.connect_timeout_s),
+                response_timeout: config.response_timeout(),
+                heartbeat,
+            };
+            let session = Session::new(params, connector.clone(), rx, stop_rx.clone());
+            let id = entry.id.clone();
+            tasks.spawn(async move {
+                // A panic in a session is a bug; it is logged by the runtime and the lock is
+                // reported stopped rather than taking the daemon down.
+                let handle = tokio::spawn(session.run());
+                if let Err(e) = handle.await {
+                    log::error!("lock {id}: session task failed: {e}");
+                }
+            });
+        }
+        Supervisor {
+            config,
+            registry,
+            ledger,
+            queues,
+            heartbeats,
+            accepting: AtomicBool::new(true),
+            stop,
+            tasks: tokio::sync::Mutex::new(tasks),
+        }
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The oldest heartbeat among session tasks (Unix ms): the liveness check's input.
+    pub fn oldest_heartbeat_ms(&self) -> u64 {
+        self.heartbeats
+            .values()
+            .map(|h| h.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or_else(unix_ms_now)
+    }
+
+    /// Submit a command; the receiver gets `accepted`, `sent` and exactly one `done`.
+    pub fn submit(&self, req: Request) -> mpsc::UnboundedReceiver<Report> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let id = req
+            .id
+            .clone()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(new_id);
+        let ttl = req
+            .ttl
+            .unwrap_or(Duration::from_secs(self.config.commands.default_ttl_s));
+        let cmd = Command {
+            id,
+            lock: req.lock.clone(),
+            action: req.action,
+            mode: req.mode,
+            deadline: now() + ttl,
+            origin: req.origin.clone(),
+        };
+        let reply = |step: Step, repeated: bool| Report {
+            id: cmd.id.clone(),
+            lock: cmd.lock.clone(),
+            action: cmd.action,
+            step,
+            repeated,
+        };
+        let done = |outcome: Outcome| {
+            let _ = tx.send(reply(Step::Done { outcome }, false));
+        };
+        if !self.accepting.load(Ordering::SeqCst) {
+            done(Outcome::failed("shutting-down"));
+            return rx;
+        }
+        if !self.registry.contains(&cmd.lock) {
+            done(Outcome::failed("unknown-lock"));
+            return rx;
+        }
+        if !self.config.allows(&cmd.origin, &cmd.lock, cmd.action) {
+            log::warn!(
+                "command {}: origin {} may not {} lock {}: denied",
+                cmd.id,
+                cmd.origin,
+                cmd.action,
+                cmd.lock
+            );
+            done(Outcome::Denied {
+                reason: format!("{} may not {} {}", cmd.origin, cmd.action, cmd.lock),
+            });
+            return rx;
+        }
+        match self.ledger.begin(&cmd, tx.clone()) {
+            Begin::Done(outcome) => {
+                let _ = tx.send(reply(Step::Done { outcome }, true));
+                return rx;
+            }
+            Begin::InFlight => return rx,
+            Begin::New => {}
+        }
+        self.ledger.step(&cmd, Step::Accepted);
+        let Some(queue) = self.queues.get(&cmd.lock) else {
+            self.ledger.finish(&cmd, Outcome::failed("unknown-lock"));
+            return rx;
+        };
+        if let Err(e) = queue.try_send(Job {
+            command: cmd.clone(),
+        }) {
+            let reason = match e {
+                mpsc::error::TrySendError::Full(_) => "busy",
+                mpsc::error::TrySendError::Closed(_) => "shutting-down",
+            };
+            self.ledger.finish(&cmd, Outcome::failed(reason));
+        }
+        rx
+    }
+
+    /// Stop taking commands, let sessions finish in-flight ones (or time out), close every link
+    /// with ALERT 0x04, and wait for the tasks, at most `limit`.
+    pub async fn shutdown(&self, limit: Duration) {
+        self.accepting.store(false, Ordering::SeqCst);
+        let _ = self.stop.send(true);
+        let mut tasks = self.tasks.lock().await;
+        let all = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(limit, all).await.is_err() {
+            log::warn!("sessions did not stop within {limit:?}; leaving anyway");
+        }
+    }
+}
+
+fn new_id() -> String {
+    let mut b = [0u8; 8];
+    OsRng.fill_bytes(&mut b);
+    hex::encode(b)
+}
