@@ -26,6 +26,8 @@ pub struct FaultConfig {
     pub jitter_ms: u64,
     /// Cut the link when this many frames have passed (counted per pipe).
     pub disconnect_after_frames: Option<u64>,
+    /// Which direction's count cuts the link.
+    pub disconnect_direction: Direction,
     /// BLE timing model: a value goes over the air only at a connection event, every this
     /// many milliseconds (0 = off). Applied after delay and jitter.
     pub connection_interval_ms: u64,
@@ -55,6 +57,26 @@ impl FaultConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Direction {
+    #[default]
+    Both,
+    ToLock,
+    ToClient,
+}
+
+impl FaultConfig {
+    /// The faults of one direction: the cut only applies where `disconnect_direction` says.
+    pub fn for_direction(&self, direction: Direction) -> FaultConfig {
+        let mut c = self.clone();
+        if self.disconnect_direction != Direction::Both && self.disconnect_direction != direction {
+            c.disconnect_after_frames = None;
+        }
+        c
     }
 }
 

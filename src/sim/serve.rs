@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use super::model::{ConnId, Lock, LockSpec, Output, Refusal};
 use super::wire::{self, SimMsg, read_msg, write_msg};
-use crate::fault::{Fate, FaultConfig, FaultyPipe};
+use crate::fault::{Direction, Fate, FaultConfig, FaultyPipe};
 use crate::ptls::{Channel, WallClock};
 
 /// `unix:PATH` or `tcp:HOST:PORT`.
@@ -175,8 +175,11 @@ pub async fn serve(
                     w.sockets.insert(next_id, Sock {
                         tx,
                         binding: None,
-                        to_lock: FaultyPipe::new(&w.faults, next_id * 2),
-                        to_client: FaultyPipe::new(&w.faults, next_id * 2 + 1),
+                        to_lock: FaultyPipe::new(&w.faults.for_direction(Direction::ToLock), next_id * 2),
+                        to_client: FaultyPipe::new(
+                            &w.faults.for_direction(Direction::ToClient),
+                            next_id * 2 + 1,
+                        ),
                     });
                     tokio::spawn(socket_task(next_id, stream, inbox_tx.clone(), rx));
                 }

@@ -1,0 +1,559 @@
+//! The daemon end to end: `lockbridge sim` and `lockbridge run` as separate processes, commands
+//! through the control socket, faults through the simulator's injector, and the lock's event
+//! log as the record of what actually moved.
+
+#![allow(clippy::unwrap_used, clippy::print_stdout)] // test code: a failed unwrap is a failed test
+
+use std::collections::HashMap;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use lockbridge::command::{Action, Mode, Outcome, Report, Step};
+use lockbridge::control::{ControlClient, Request};
+
+struct World {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    summary: Value,
+}
+
+impl World {
+    /// A demo world with `locks` locks, instant links and short motor time; `edit` changes
+    /// sim.toml (as a TOML table) before anything runs.
+    fn new(locks: usize, edit: impl FnOnce(&mut toml::Table)) -> World {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("w");
+        let out = lockbridge(&[
+            "demo",
+            "--setup-only",
+            "--json",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--locks",
+            &locks.to_string(),
+            "--connection-interval-ms",
+            "0",
+        ]);
+        let summary: Value = serde_json::from_str(&out).unwrap();
+        let sim_path = PathBuf::from(summary["sim_config"].as_str().unwrap());
+        let mut sim: toml::Table = std::fs::read_to_string(&sim_path).unwrap().parse().unwrap();
+        for lock in sim["lock"].as_array_mut().unwrap() {
+            let b = lock
+                .as_table_mut()
+                .unwrap()
+                .entry("behaviour")
+                .or_insert(toml::Value::Table(Default::default()));
+            b.as_table_mut()
+                .unwrap()
+                .insert("motor_time_ms".into(), toml::Value::Integer(300));
+        }
+        edit(&mut sim);
+        std::fs::write(&sim_path, toml::to_string(&sim).unwrap()).unwrap();
+        World {
+            _dir: tmp,
+            dir,
+            summary,
+        }
+    }
+
+    fn daemon_config(&self) -> PathBuf {
+        PathBuf::from(self.summary["daemon_config"].as_str().unwrap())
+    }
+
+    fn edit_daemon_config(&self, f: impl FnOnce(String) -> String) {
+        let path = self.daemon_config();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, f(text)).unwrap();
+    }
+
+    fn control(&self) -> PathBuf {
+        PathBuf::from(self.summary["control_socket"].as_str().unwrap())
+    }
+
+    fn sim(&self) -> Proc {
+        let endpoint = self.summary["sim_endpoint"].as_str().unwrap();
+        let socket = PathBuf::from(endpoint.strip_prefix("unix:").unwrap());
+        let _ = std::fs::remove_file(&socket);
+        let child = Command::new(env!("CARGO_BIN_EXE_lockbridge"))
+            .args([
+                "sim",
+                "--config",
+                self.summary["sim_config"].as_str().unwrap(),
+                "--listen",
+                endpoint,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for(|| socket.exists(), "the simulator socket");
+        Proc(child)
+    }
+
+    fn daemon_with_env(&self, env: &[(&str, &str)]) -> Proc {
+        let log = std::fs::File::create(self.dir.join(format!(
+            "daemon-{}.log",
+            Instant::now().elapsed().as_nanos()
+        )))
+        .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockbridge"));
+        cmd.args(["run", "--config", self.daemon_config().to_str().unwrap()])
+            .env("LOCKBRIDGE_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let control = self.control();
+        wait_for(
+            || std::os::unix::net::UnixStream::connect(&control).is_ok(),
+            "the daemon's control socket",
+        );
+        Proc(child)
+    }
+
+    fn daemon(&self) -> Proc {
+        self.daemon_with_env(&[])
+    }
+
+    /// The lock's record of every actuating command it received.
+    fn actuations(&self) -> Vec<Value> {
+        let path = self.dir.join("events.jsonl");
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    async fn command(
+        &self,
+        lock: &str,
+        action: Action,
+        id: Option<&str>,
+        ttl_s: Option<u64>,
+    ) -> Vec<Report> {
+        let mut c = ControlClient::connect(&self.control()).await.unwrap();
+        c.command(&Request::Command {
+            lock: lock.into(),
+            action,
+            mode: Mode::Normal,
+            id: id.map(str::to_string),
+            ttl_s,
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn locks(&self) -> Vec<Value> {
+        let mut c = ControlClient::connect(&self.control()).await.unwrap();
+        c.request(&Request::Locks).await.unwrap();
+        c.line().await.unwrap().as_array().unwrap().clone()
+    }
+
+    async fn wait_status(&self, lock: &str, status: &str, limit: Duration) {
+        let t = Instant::now();
+        loop {
+            let locks = self.locks().await;
+            let v = locks.iter().find(|v| v["id"] == lock).unwrap();
+            if v["status"] == status && (status != "connected" || !v["state"].is_null()) {
+                return;
+            }
+            assert!(t.elapsed() < limit, "{lock} never reached {status}: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+struct Proc(Child);
+
+impl Proc {
+    fn signal(&self, sig: &str) {
+        assert!(
+            Command::new("kill")
+                .args([sig, &self.0.id().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let t = Instant::now();
+        loop {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                return s;
+            }
+            assert!(t.elapsed() < limit, "process did not exit within {limit:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn lockbridge(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_lockbridge"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "lockbridge {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn wait_for(mut ok: impl FnMut() -> bool, what: &str) {
+    let t = Instant::now();
+    while !ok() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn outcome(reports: &[Report]) -> &Outcome {
+    let done: Vec<&Outcome> = reports.iter().filter_map(Report::outcome).collect();
+    assert_eq!(done.len(), 1, "exactly one terminal outcome: {reports:?}");
+    done[0]
+}
+
+fn set_lock(sim: &mut toml::Table, index: usize, key: &str, value: toml::Value) {
+    let lock = sim["lock"].as_array_mut().unwrap()[index]
+        .as_table_mut()
+        .unwrap();
+    lock["behaviour"]
+        .as_table_mut()
+        .unwrap()
+        .insert(key.into(), value);
+}
+
+fn set_faults(sim: &mut toml::Table, values: &[(&str, toml::Value)]) {
+    let faults = sim
+        .entry("faults")
+        .or_insert(toml::Value::Table(Default::default()));
+    for (k, v) in values {
+        faults
+            .as_table_mut()
+            .unwrap()
+            .insert(k.to_string(), v.clone());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_locks_on_three_slots_with_mixed_policies_all_commands_succeed() {
+    let w = World::new(8, |_| {});
+    let config = std::fs::read_to_string(w.daemon_config()).unwrap();
+    assert!(config.contains("max_connections = 3"));
+    assert_eq!(config.matches("link = \"on-demand\"").count(), 4);
+    let _sim = w.sim();
+    let _daemon = w.daemon();
+    let mut tasks = Vec::new();
+    for n in 1..=8 {
+        let control = w.control();
+        tasks.push(tokio::spawn(async move {
+            let mut c = ControlClient::connect(&control).await.unwrap();
+            c.command(&Request::Command {
+                lock: format!("lock-{n}"),
+                action: Action::Unlock,
+                mode: Mode::Normal,
+                id: Some(format!("unlock-{n}")),
+                ttl_s: Some(60),
+            })
+            .await
+            .unwrap()
+        }));
+    }
+    for t in tasks {
+        let reports = t.await.unwrap();
+        match outcome(&reports) {
+            Outcome::Success { state: Some(s), .. } => {
+                assert_eq!(s.state, lockbridge::ptls::api::LockState::Unlocked)
+            }
+            other => panic!("{}: {other:?}", reports[0].lock),
+        }
+    }
+    let acts = w.actuations();
+    assert_eq!(acts.len(), 8, "{acts:?}");
+    let mut per_lock: HashMap<String, usize> = HashMap::new();
+    for a in &acts {
+        *per_lock
+            .entry(a["lock"].as_str().unwrap().into())
+            .or_default() += 1;
+    }
+    assert!(per_lock.values().all(|n| *n == 1), "{per_lock:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_percent_loss_gives_one_outcome_per_command_and_never_a_second_actuation() {
+    let w = World::new(1, |sim| {
+        set_faults(
+            sim,
+            &[
+                ("loss", toml::Value::Float(0.2)),
+                ("seed", toml::Value::Integer(5)),
+            ],
+        );
+    });
+    let _sim = w.sim();
+    let _daemon = w.daemon();
+    let mut sent = 0;
+    let mut successes = 0;
+    for i in 0..8 {
+        let action = if i % 2 == 0 {
+            Action::Unlock
+        } else {
+            Action::Lock
+        };
+        let t = Instant::now();
+        let reports = w
+            .command("lock-1", action, Some(&format!("c{i}")), Some(60))
+            .await;
+        let o = outcome(&reports).clone();
+        println!("c{i}: {:?} after {:?}", o, t.elapsed());
+        sent += usize::from(reports.iter().any(|r| r.step == Step::Sent));
+        successes += usize::from(matches!(o, Outcome::Success { .. }));
+        // Repeating the id returns the same outcome and sends nothing.
+        let again = w
+            .command("lock-1", action, Some(&format!("c{i}")), Some(60))
+            .await;
+        assert_eq!(outcome(&again), &o);
+        assert!(again.iter().all(|r| r.step != Step::Sent));
+    }
+    let acts = w.actuations();
+    assert!(
+        acts.len() <= sent,
+        "{} actuations for {sent} commands sent",
+        acts.len()
+    );
+    assert!(successes <= acts.len());
+    assert!(
+        successes >= 4,
+        "only {successes} of 8 succeeded at 20% loss"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_right_after_a_command_is_ambiguous_with_the_state_read_back() {
+    // Values to the gateway: 3 for the handshake, 2 for the first refresh; the 6th — the
+    // response to the unlock — is lost with the link.
+    let w = World::new(1, |sim| {
+        set_faults(
+            sim,
+            &[
+                ("disconnect_after_frames", toml::Value::Integer(5)),
+                (
+                    "disconnect_direction",
+                    toml::Value::String("to-client".into()),
+                ),
+            ],
+        );
+    });
+    let _sim = w.sim();
+    let _daemon = w.daemon();
+    w.wait_status("lock-1", "connected", Duration::from_secs(10))
+        .await;
+    let reports = w
+        .command("lock-1", Action::Unlock, Some("amb-1"), Some(30))
+        .await;
+    match outcome(&reports) {
+        Outcome::Ambiguous { state: Some(s), .. } => {
+            assert!(
+                matches!(
+                    s.state,
+                    lockbridge::ptls::api::LockState::Unlocking
+                        | lockbridge::ptls::api::LockState::Unlocked
+                ),
+                "{s:?}"
+            );
+        }
+        other => panic!("expected ambiguous with state, got {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(w.actuations().len(), 1, "one actuation, never re-sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebooting_lock_is_reconnected_and_commands_work_again() {
+    let w = World::new(1, |_| {});
+    let sim = w.sim();
+    let _daemon = w.daemon();
+    w.wait_status("lock-1", "connected", Duration::from_secs(10))
+        .await;
+    drop(sim); // SIGKILL: the lock vanishes mid-session
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let locks = w.locks().await;
+    assert_ne!(locks[0]["status"], "connected", "{:?}", locks[0]);
+    let _sim = w.sim();
+    w.wait_status("lock-1", "connected", Duration::from_secs(20))
+        .await;
+    let reports = w.command("lock-1", Action::Unlock, None, Some(30)).await;
+    assert!(
+        matches!(outcome(&reports), Outcome::Success { .. }),
+        "{reports:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_without_trusted_time_gets_a_signed_time_and_works() {
+    let w = World::new(1, |sim| {
+        set_lock(sim, 0, "trusted_time", toml::Value::Boolean(false))
+    });
+    let _sim = w.sim();
+    let _daemon = w.daemon();
+    let reports = w.command("lock-1", Action::Unlock, None, Some(30)).await;
+    assert!(
+        matches!(outcome(&reports), Outcome::Success { .. }),
+        "{reports:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_factory_reset_lock_is_reported_not_registered_and_not_retried() {
+    let w = World::new(1, |sim| {
+        set_lock(sim, 0, "registered", toml::Value::Boolean(false))
+    });
+    let _sim = w.sim();
+    let _daemon = w.daemon();
+    w.wait_status("lock-1", "not-registered", Duration::from_secs(10))
+        .await;
+    let reports = w.command("lock-1", Action::Unlock, None, Some(30)).await;
+    assert_eq!(outcome(&reports), &Outcome::failed("not-registered"));
+    // Still not retrying a few seconds later, and nothing ever moved.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let locks = w.locks().await;
+    assert_eq!(locks[0]["status"], "not-registered");
+    assert!(w.actuations().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_with_a_command_in_flight_the_same_id_gets_one_outcome_and_one_actuation() {
+    // A slow bolt keeps the command in flight (its outcome waits for the bolt to stop).
+    let w = World::new(1, |sim| {
+        set_lock(sim, 0, "motor_time_ms", toml::Value::Integer(5000))
+    });
+    let _sim = w.sim();
+    let mut daemon = w.daemon();
+    w.wait_status("lock-1", "connected", Duration::from_secs(10))
+        .await;
+    let control = w.control();
+    let first = tokio::spawn(async move {
+        let mut c = ControlClient::connect(&control).await.unwrap();
+        c.command(&Request::Command {
+            lock: "lock-1".into(),
+            action: Action::Unlock,
+            mode: Mode::Normal,
+            id: Some("door-42".into()),
+            ttl_s: Some(60),
+        })
+        .await
+    });
+    let t = Instant::now();
+    while w.actuations().is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the unlock never reached the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemon.signal("-KILL");
+    daemon.wait_exit(Duration::from_secs(5));
+    assert!(
+        first.await.unwrap().is_err(),
+        "the first caller lost its connection, no outcome"
+    );
+    let _daemon = w.daemon();
+    let again = w
+        .command("lock-1", Action::Unlock, Some("door-42"), Some(60))
+        .await;
+    let o = outcome(&again).clone();
+    assert!(matches!(o, Outcome::Ambiguous { .. }), "{o:?}");
+    assert!(again.iter().any(|r| r.repeated));
+    let third = w
+        .command("lock-1", Action::Unlock, Some("door-42"), Some(60))
+        .await;
+    assert_eq!(outcome(&third), &o, "the id keeps its one outcome");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(w.actuations().len(), 1, "{:?}", w.actuations());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_whose_deadline_passed_while_the_lock_was_unreachable_is_never_sent() {
+    let w = World::new(1, |_| {});
+    let _daemon = w.daemon(); // no simulator yet: the lock is unreachable
+    let reports = w
+        .command("lock-1", Action::Unlock, Some("stale-1"), Some(2))
+        .await;
+    assert_eq!(outcome(&reports), &Outcome::Expired);
+    assert!(reports.iter().all(|r| r.step != Step::Sent));
+    let _sim = w.sim();
+    w.wait_status("lock-1", "connected", Duration::from_secs(30))
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(w.actuations().is_empty(), "{:?}", w.actuations());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissions_deny_per_origin_and_action() {
+    let w = World::new(1, |_| {});
+    w.edit_daemon_config(|t| format!("{t}\n[[permissions]]\norigin = \"cli\"\nlocks = \"lock-*\"\nactions = [\"read\", \"lock\"]\n"));
+    let _sim = w.sim();
+    let _daemon = w.daemon();
+    let reports = w.command("lock-1", Action::Unlock, None, Some(10)).await;
+    assert!(
+        matches!(outcome(&reports), Outcome::Denied { .. }),
+        "{reports:?}"
+    );
+    let reports = w.command("lock-1", Action::Lock, None, Some(30)).await;
+    assert!(
+        matches!(outcome(&reports), Outcome::Success { .. }),
+        "{reports:?}"
+    );
+    assert_eq!(w.actuations().len(), 1);
+}
+
+#[test]
+fn sd_notify_ready_watchdog_stopping_and_sigterm_exits_0() {
+    let w = World::new(1, |_| {});
+    let sock_path = w.dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let _sim = w.sim();
+    let mut daemon = w.daemon_with_env(&[
+        ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "1000000"),
+    ]);
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    let mut next = |seen: &mut Vec<String>| {
+        let n = sock.recv(&mut buf).unwrap();
+        let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+        seen.push(msg.clone());
+        msg
+    };
+    while !next(&mut seen).contains("READY=1") {}
+    while !next(&mut seen).contains("WATCHDOG=1") {}
+    daemon.signal("-TERM");
+    while !next(&mut seen).contains("STOPPING=1") {}
+    let status = daemon.wait_exit(lockbridge::daemon::SHUTDOWN_LIMIT + Duration::from_secs(5));
+    assert!(status.success(), "exit {status}; messages {seen:?}");
+    assert!(
+        !Path::new(&w.control()).exists(),
+        "control socket removed on exit"
+    );
+}
