@@ -175,10 +175,16 @@ impl<T: Clone> FaultyPipe<T> {
         let epoch = *self.epoch.get_or_insert(now);
         let interval = Duration::from_millis(interval);
         let since = at.saturating_duration_since(epoch);
-        let events = since.as_nanos().div_ceil(interval.as_nanos());
-        let events = u32::try_from(events).unwrap_or(u32::MAX);
-        // A value cannot go out in the same event it was queued in unless it is already due.
-        epoch + interval * events.max(1)
+        // The first event strictly after `at`: a value produced during an event goes out in
+        // the next one.
+        let events = since.as_nanos() / interval.as_nanos() + 1;
+        epoch + interval * u32::try_from(events).unwrap_or(u32::MAX)
+    }
+
+    /// Put this pipe's connection events on a shared clock (both directions of one link share
+    /// the same events, as in BLE).
+    pub fn align(&mut self, epoch: Instant) {
+        self.epoch = Some(epoch);
     }
 
     fn insert(&mut self, at: Instant, item: T) {

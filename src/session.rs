@@ -466,12 +466,25 @@ impl<C: Connector> Session<C> {
         let mut idle_at = now() + idle;
         let mut waiting = self.p.slots.waiting();
 
+        // Commands first: the ambiguous one's read-back, then what waits; refreshes after.
         if let Some((job, _, reason)) = self.readback.take() {
             let state = self.read_state(&mut driver).await.ok();
             self.finish(&job, Outcome::Ambiguous { state, reason });
         }
-        if let Err(reason) = self.refresh(&mut driver).await {
-            return self.link_down(driver, guard, reason).await;
+        while let Some(job) = self.pending.pop_front() {
+            if let Err(reason) = self.execute(&mut driver, job).await {
+                return self.link_down(driver, guard, reason).await;
+            }
+        }
+        let unknown = self
+            .p
+            .registry
+            .get(self.id())
+            .is_none_or(|v| v.state.is_none());
+        if unknown || now() >= self.next_refresh {
+            if let Err(reason) = self.refresh(&mut driver).await {
+                return self.link_down(driver, guard, reason).await;
+            }
         }
         loop {
             self.beat();

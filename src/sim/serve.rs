@@ -172,14 +172,17 @@ pub async fn serve(
                 Ok(stream) => {
                     next_id += 1;
                     let (tx, rx) = mpsc::unbounded_channel();
+                    let mut to_lock =
+                        FaultyPipe::new(&w.faults.for_direction(Direction::ToLock), next_id * 2);
+                    let mut to_client =
+                        FaultyPipe::new(&w.faults.for_direction(Direction::ToClient), next_id * 2 + 1);
+                    to_lock.align(Instant::now());
+                    to_client.align(Instant::now());
                     w.sockets.insert(next_id, Sock {
                         tx,
                         binding: None,
-                        to_lock: FaultyPipe::new(&w.faults.for_direction(Direction::ToLock), next_id * 2),
-                        to_client: FaultyPipe::new(
-                            &w.faults.for_direction(Direction::ToClient),
-                            next_id * 2 + 1,
-                        ),
+                        to_lock,
+                        to_client,
                     });
                     tokio::spawn(socket_task(next_id, stream, inbox_tx.clone(), rx));
                 }
