@@ -3,28 +3,31 @@
 //! # Architecture map
 //!
 //! ```text
-//!  lock (BLE or sim)  ⇄  link  ⇄  driver  ⇄  ptls::Client        (gateway side)
-//!                                              ⇅ frames, events, timers
-//!  sim::model::Lock  ⇄  ptls::Server ×3  ⇄  sim::serve  ⇄  sim socket   (lock side)
+//!  control socket (cli) ─► supervisor ─► session (one task per lock) ─► driver ─► ptls::Client ─► link ─► lock
+//!                            │ registry · ledger + idstore · slots
+//!  sim::model::Lock ⇄ ptls::Server (one per connection) ⇄ sim::serve ⇄ sim socket
 //! ```
 //!
 //! - [`ptls`] — the lock protocol (`ptls-spec.md`), **sans-IO**: frame codec, handshake
 //!   messages, key schedule, AES-128-GCM records, flights, timers; [`ptls::Client`] and
 //!   [`ptls::Server`] take `now` and an RNG as inputs and never do I/O. [`ptls::pair`] joins
 //!   two endpoints through a seeded faulty link on a virtual clock for tests and benchmarks.
-//! - [`fault`] — the seeded link fault model (loss, duplication, reordering, delay, cut after
-//!   frame N) shared by the pair harness and the simulator's socket server.
-//! - [`sim`] — the lock simulator: [`sim::model::Lock`] (bolt, motor, jams, battery, pull
-//!   spring, trusted time, registration, connection limit, idle disconnect, event log) behind
-//!   one `ptls::Server` per connection; [`sim::serve`] serves a world over the sim socket
-//!   ([`sim::wire`], design §4.1); [`sim::init`] writes a ready world.
-//! - [`link`] — byte pipes to a lock, no protocol logic: the [`link::Link`] trait and the sim
-//!   socket client [`link::sim::SimLink`].
-//! - [`driver`] — runs one `ptls::Client` over one `Link` on the real (tokio) clock.
-//! - [`keys`] — P-256 key files (PEM, 0600 enforced) and base64 public points.
-//! - [`authority`] — issues access certificates (spec §8) and signed time (spec §7).
-//! - [`demo`] — `lockbridge demo`: a world, the simulator and a client, step by step.
-//! - [`telemetry`] — logging through the `log` facade.
+//! - [`fault`] — the seeded link fault model (loss, duplication, reordering, delay, BLE
+//!   connection events, cut after frame N) shared by the pair harness and the simulator.
+//! - [`sim`] — the lock simulator: [`sim::model::Lock`] behind one `ptls::Server` per
+//!   connection; [`sim::serve`] serves a world over the sim socket ([`sim::wire`]).
+//! - [`link`] — byte pipes to a lock: the [`link::Link`] trait and [`link::sim::SimLink`].
+//! - [`driver`] — runs one `ptls::Client` over one `Link` on the tokio clock.
+//! - [`session`] — the per-lock event loop: slots, connect, handshake, trusted time, state from
+//!   notifications, commands with their outcome rules, link policies, reconnect backoff.
+//! - [`supervisor`] — owns the sessions; permissions, ids, deadlines, routing, bounded queues,
+//!   graceful shutdown. [`registry`] is the lock state front ends read and the event stream;
+//!   [`ledger`] de-duplicates ids and delivers steps; [`idstore`] makes ids durable;
+//!   [`slots`] schedules connection slots; [`command`] is the command/outcome model.
+//! - [`config`] — the daemon's TOML + environment configuration; [`credentials`] — the
+//!   certificate and signed-time providers; [`keys`] — key files; [`authority`] — issuing.
+//! - [`daemon`] — `lockbridge run`; [`control`] — the local control socket; [`systemd`] —
+//!   sd_notify and the watchdog; [`telemetry`] — logging; [`demo`] — `lockbridge demo`.
 
 pub mod authority;
 pub mod command;
