@@ -21,9 +21,13 @@ pub enum Begin {
     InFlight,
 }
 
+/// A command in flight and everyone waiting for its steps.
+type InFlight = (Command, Vec<mpsc::UnboundedSender<Report>>);
+
 pub struct Ledger {
     store: Mutex<IdStore>,
-    waiting: Mutex<HashMap<String, Vec<mpsc::UnboundedSender<Report>>>>,
+    /// Commands in flight by id.
+    waiting: Mutex<HashMap<String, InFlight>>,
     registry: Arc<Registry>,
 }
 
@@ -39,7 +43,7 @@ impl Ledger {
     /// Register interest in `cmd`'s id; `tx` receives its steps from now on.
     pub fn begin(&self, cmd: &Command, tx: mpsc::UnboundedSender<Report>) -> Begin {
         let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(list) = waiting.get_mut(&cmd.id) {
+        if let Some((_, list)) = waiting.get_mut(&cmd.id) {
             list.push(tx);
             return Begin::InFlight;
         }
@@ -47,7 +51,7 @@ impl Ledger {
         if let Some(Some(outcome)) = store.get(&cmd.id, unix_ms_now()).map(|e| e.outcome.clone()) {
             return Begin::Done(outcome);
         }
-        waiting.insert(cmd.id.clone(), vec![tx]);
+        waiting.insert(cmd.id.clone(), (cmd.clone(), vec![tx]));
         Begin::New
     }
 
@@ -69,7 +73,7 @@ impl Ledger {
             step,
             repeated: false,
         };
-        if let Some(list) = self
+        if let Some((_, list)) = self
             .waiting
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -78,6 +82,36 @@ impl Ledger {
             list.retain(|tx| tx.send(report.clone()).is_ok());
         }
         self.registry.publish(GatewayEvent::Command { report });
+    }
+
+    /// A lock's session task died: give every command it held its one outcome. One that may
+    /// have been written is `ambiguous`; the others were never sent.
+    pub fn abandon(&self, lock: &str) {
+        let held: Vec<Command> = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|(c, _)| c.lock == lock)
+            .map(|(c, _)| c.clone())
+            .collect();
+        for cmd in held {
+            let sent = self
+                .store
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&cmd.id, unix_ms_now())
+                .is_some_and(|e| e.outcome.is_none());
+            let outcome = if sent {
+                Outcome::Ambiguous {
+                    state: None,
+                    reason: "the lock's session failed while the command was in flight".into(),
+                }
+            } else {
+                Outcome::failed("internal-error")
+            };
+            self.finish(&cmd, outcome);
+        }
     }
 
     /// The terminal outcome: stored, delivered, and the id no longer in flight.
@@ -92,6 +126,7 @@ impl Ledger {
             log::error!("command {}: could not record its outcome: {e}", cmd.id);
         }
         log::info!(
+            LOCK_ID = cmd.lock.as_str(), COMMAND_ID = cmd.id.as_str();
             "command {} ({} {} from {}): {}",
             cmd.id,
             cmd.action,

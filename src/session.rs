@@ -58,6 +58,7 @@ pub struct Job {
 }
 
 /// Everything a session needs, given by the supervisor.
+#[derive(Clone)]
 pub struct SessionParams {
     pub entry: LockEntry,
     pub lock_key: VerifyingKey,
@@ -309,8 +310,7 @@ impl<C: Connector> Session<C> {
     async fn on_connect_error(&mut self, e: ConnectError) {
         match e {
             ConnectError::NotRegistered => {
-                log::error!(
-                    "lock {}: NOT_REGISTERED — the lock was reset or removed; re-add it, then restart lockbridge",
+                log::error!(LOCK_ID = self.id(); "lock {}: NOT_REGISTERED — the lock was reset or removed; re-add it, then restart lockbridge",
                     self.id()
                 );
                 self.parked = Some("not-registered");
@@ -320,24 +320,21 @@ impl<C: Connector> Session<C> {
                 );
             }
             ConnectError::InvalidCert if !self.cert_retry_used => {
-                log::warn!(
-                    "lock {}: INVALID_CERT — fetching a fresh certificate once",
+                log::warn!(LOCK_ID = self.id(); "lock {}: INVALID_CERT — fetching a fresh certificate once",
                     self.id()
                 );
                 self.cert_retry_used = true;
                 self.certificate = None;
             }
             ConnectError::InvalidCert => {
-                log::error!(
-                    "lock {}: INVALID_CERT again with a fresh certificate — check the credentials provider and the lock's device id",
+                log::error!(LOCK_ID = self.id(); "lock {}: INVALID_CERT again with a fresh certificate — check the credentials provider and the lock's device id",
                     self.id()
                 );
                 self.parked = Some("invalid-cert");
                 self.status(LinkStatus::InvalidCert, Some("certificate refused".into()));
             }
             ConnectError::Other(reason) => {
-                log::warn!(
-                    "lock {}: {reason}; retrying in about {:?}",
+                log::warn!(LOCK_ID = self.id(); "lock {}: {reason}; retrying in about {:?}",
                     self.id(),
                     self.backoff
                 );
@@ -419,10 +416,10 @@ impl<C: Connector> Session<C> {
         let entry = self.p.entry.clone();
         let id = self.id().to_string();
         let handshake = driver.handshake(|| {
-            log::info!("lock {id}: no trusted time; sending a signed time");
+            log::info!(LOCK_ID = id.as_str(); "lock {id}: no trusted time; sending a signed time");
             credentials
                 .signed_time(&entry)
-                .map_err(|e| log::error!("lock {id}: {e}"))
+                .map_err(|e| log::error!(LOCK_ID = id.as_str(); "lock {id}: {e}"))
                 .ok()
         });
         match handshake.await {
@@ -440,7 +437,7 @@ impl<C: Connector> Session<C> {
                     lock: self.id().to_string(),
                     session_id: hex::encode(session_id),
                 });
-                log::info!("lock {}: session {} up", self.id(), hex::encode(session_id));
+                log::info!(LOCK_ID = self.id(); "lock {}: session {} up", self.id(), hex::encode(session_id));
                 Ok(driver)
             }
             Err(DriveError::Closed(ptls::Error::Alert(Alert::NotRegistered))) => {
@@ -497,7 +494,7 @@ impl<C: Connector> Session<C> {
             }
             if self.stopping() {
                 driver.close().await;
-                log::info!("lock {}: session closed (ALERT 0x04)", self.id());
+                log::info!(LOCK_ID = self.id(); "lock {}: session closed (ALERT 0x04)", self.id());
                 return;
             }
             if let Err(e) = driver.flush().await {
@@ -530,14 +527,14 @@ impl<C: Connector> Session<C> {
                 }
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(idle_at)), if !persistent => {
                     driver.close().await;
-                    log::debug!("lock {}: idle, link dropped", self.id());
+                    log::debug!(LOCK_ID = self.id(); "lock {}: idle, link dropped", self.id());
                     self.status(LinkStatus::Idle, None);
                     return;
                 }
                 _ = waiting.changed() => {}
                 _ = sleep_until(yield_at) => {
                     driver.close().await;
-                    log::debug!("lock {}: link given up for a waiting lock", self.id());
+                    log::debug!(LOCK_ID = self.id(); "lock {}: link given up for a waiting lock", self.id());
                     self.status(LinkStatus::WaitingForSlot, None);
                     return;
                 }
@@ -548,7 +545,7 @@ impl<C: Connector> Session<C> {
     }
 
     async fn link_down(&mut self, driver: Driver<C::Link>, guard: SlotGuard, reason: String) {
-        log::warn!("lock {}: link lost: {reason}", self.id());
+        log::warn!(LOCK_ID = self.id(); "lock {}: link lost: {reason}", self.id());
         self.p.registry.publish(GatewayEvent::SessionDown {
             lock: self.id().to_string(),
             reason: reason.clone(),
@@ -573,13 +570,12 @@ impl<C: Connector> Session<C> {
                 }),
                 Event::NeedSignedTime => self.send_signed_time(driver),
                 Event::SessionEnded { reason } => {
-                    log::info!(
-                        "lock {}: session ended ({reason}); re-handshaking",
+                    log::info!(LOCK_ID = self.id(); "lock {}: session ended ({reason}); re-handshaking",
                         self.id()
                     );
                 }
                 Event::Established { session_id } => {
-                    log::info!("lock {}: session {} up", self.id(), hex::encode(session_id));
+                    log::info!(LOCK_ID = self.id(); "lock {}: session {} up", self.id(), hex::encode(session_id));
                     self.p.registry.progress(self.id(), unix_ms_now());
                 }
                 Event::Closed(e) => return Err(e.to_string()),
@@ -704,7 +700,7 @@ impl<C: Connector> Session<C> {
         }
         if cmd.action.is_actuating() {
             if let Err(e) = self.p.ledger.sent(&cmd) {
-                log::error!("lock {}: {e}", self.id());
+                log::error!(LOCK_ID = self.id(); "lock {}: {e}", self.id());
                 self.finish(&job, Outcome::failed("state-store-unwritable"));
                 return Ok(());
             }

@@ -21,6 +21,7 @@ use crate::driver::now;
 use crate::ledger::{Begin, Ledger};
 use crate::registry::{LinkStatus, LockView, Registry};
 use crate::session::{Connector, Job, Session, SessionParams};
+
 use crate::slots::Slots;
 
 /// A command as a front end asks for it.
@@ -40,7 +41,7 @@ pub struct Supervisor {
     config: Arc<Config>,
     registry: Arc<Registry>,
     ledger: Arc<Ledger>,
-    queues: HashMap<String, mpsc::Sender<Job>>,
+    queues: HashMap<String, Arc<std::sync::Mutex<mpsc::Sender<Job>>>>,
     heartbeats: HashMap<String, Arc<AtomicU64>>,
     accepting: AtomicBool,
     stop: watch::Sender<bool>,
@@ -103,7 +104,8 @@ impl Supervisor {
             };
             let (tx, rx) = mpsc::channel(config.commands.queue_depth);
             let heartbeat = Arc::new(AtomicU64::new(unix_ms_now()));
-            queues.insert(entry.id.clone(), tx);
+            let queue = Arc::new(std::sync::Mutex::new(tx));
+            queues.insert(entry.id.clone(), queue.clone());
             heartbeats.insert(entry.id.clone(), heartbeat.clone());
             let params = SessionParams {
                 entry: entry.clone(),
@@ -118,16 +120,14 @@ impl Supervisor {
                 response_timeout: config.response_timeout(),
                 heartbeat,
             };
-            let session = Session::new(params, connector.clone(), rx, stop_rx.clone());
-            let id = entry.id.clone();
-            tasks.spawn(async move {
-                // A panic in a session is a bug; it is logged by the runtime and the lock is
-                // reported stopped rather than taking the daemon down.
-                let handle = tokio::spawn(session.run());
-                if let Err(e) = handle.await {
-                    log::error!("lock {id}: session task failed: {e}");
-                }
-            });
+            tasks.spawn(keep_running(
+                params,
+                connector.clone(),
+                rx,
+                queue,
+                config.commands.queue_depth,
+                stop_rx.clone(),
+            ));
         }
         Supervisor {
             config,
@@ -221,6 +221,7 @@ impl Supervisor {
             self.ledger.finish(&cmd, Outcome::failed("unknown-lock"));
             return rx;
         };
+        let queue = queue.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Err(e) = queue.try_send(Job {
             command: cmd.clone(),
         }) {
@@ -243,6 +244,38 @@ impl Supervisor {
         if tokio::time::timeout(limit, all).await.is_err() {
             log::warn!("sessions did not stop within {limit:?}; leaving anyway");
         }
+    }
+}
+
+/// Run a lock's session; if the task dies (a bug), settle the commands it held, give the lock a
+/// fresh queue and session, and go on — the daemon never needs a restart for one lock.
+async fn keep_running<C: Connector>(
+    params: SessionParams,
+    connector: Arc<C>,
+    mut rx: mpsc::Receiver<Job>,
+    queue: Arc<std::sync::Mutex<mpsc::Sender<Job>>>,
+    depth: usize,
+    stop: watch::Receiver<bool>,
+) {
+    let mut restarts = 0u32;
+    loop {
+        let session = Session::new(params.clone(), connector.clone(), rx, stop.clone());
+        let result = tokio::spawn(session.run()).await;
+        let Err(e) = result else {
+            return; // stopped normally
+        };
+        if *stop.borrow() {
+            return;
+        }
+        restarts += 1;
+        let lock = params.entry.id.clone();
+        log::error!(LOCK_ID = lock.as_str(); "lock {lock}: session task failed ({e}); restarting it (restart {restarts})");
+        params.ledger.abandon(&lock);
+        let (tx, new_rx) = mpsc::channel(depth);
+        *queue.lock().unwrap_or_else(|p| p.into_inner()) = tx;
+        rx = new_rx;
+        let backoff = Duration::from_secs(u64::from(restarts.min(30)));
+        tokio::time::sleep(backoff).await;
     }
 }
 

@@ -557,3 +557,18 @@ fn sd_notify_ready_watchdog_stopping_and_sigterm_exits_0() {
         "control socket removed on exit"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_certificate_is_refreshed_once_then_reported_invalid_cert() {
+    // The authority issues certificates for the configured device id; a wrong one is refused
+    // by the lock (ALERT 0x05) even after a fresh certificate.
+    let w = World::new(1, |_| {});
+    w.edit_daemon_config(|t| t.replace("device_id = 1001", "device_id = 9999"));
+    let _sim = w.sim();
+    let _daemon = w.daemon();
+    w.wait_status("lock-1", "invalid-cert", Duration::from_secs(15))
+        .await;
+    let reports = w.command("lock-1", Action::Unlock, None, Some(10)).await;
+    assert_eq!(outcome(&reports), &Outcome::failed("invalid-cert"));
+    assert!(w.actuations().is_empty());
+}
