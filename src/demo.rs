@@ -187,13 +187,14 @@ pub async fn run(
     tokio::time::timeout(Duration::from_secs(30), ready)
         .await
         .context("persistent locks did not come up within 30 s")?;
+    let name = |v: serde_json::Value| v.as_str().unwrap_or("?").to_string();
     for v in sup.registry().all() {
         writeln!(
             out,
-            "{:<8} {:<10} {:<12} state {:<10} battery {}",
+            "{:<8} {:<10} {:<16} state {:<10} battery {}",
             v.id,
-            format!("{:?}", v.link).to_lowercase(),
-            format!("{:?}", v.status).to_lowercase(),
+            name(serde_json::to_value(v.link)?),
+            name(serde_json::to_value(v.status)?),
             v.state.map(|s| s.to_string()).unwrap_or_else(|| "?".into()),
             v.battery
                 .map(|b| format!("{b}%"))
