@@ -309,24 +309,18 @@ fn unregistered_lock_answers_alert_not_registered_and_client_stops() {
 
 #[test]
 fn no_trusted_time_then_signed_time_then_handshake() {
-    use lockbridge::sim::model::{Behaviour, Lock, LockEndpoint, LockSpec};
+    use lockbridge::sim::model::{Behaviour, LockEndpoint};
     let f = Fixture::new(9);
     let now = Instant::now();
-    let spec = LockSpec {
-        serial: "10000000-000001".into(),
-        device_id: f.device_id,
-        key: f.lock_key.clone(),
-        authority: *f.authority.verifying_key(),
-        behaviour: Behaviour {
+    let lock = LockEndpoint::for_fixture(
+        &f,
+        Behaviour {
             trusted_time: false,
             ..Behaviour::default()
         },
-    };
-    let wall = lockbridge::ptls::WallClock {
-        at: now,
-        unix_ms: f.unix_ms,
-    };
-    let lock = LockEndpoint::new(Lock::new(spec, 1, wall), now, 247).unwrap();
+        1,
+        now,
+    );
     let client = f.client(f.client_config(), 2, now);
     let mut p = Pair::new(client, lock, now, &clean());
     let sign_time = |ms: u64| {
@@ -357,24 +351,18 @@ fn no_trusted_time_then_signed_time_then_handshake() {
 
 #[test]
 fn signed_time_older_than_the_last_accepted_is_rejected() {
-    use lockbridge::sim::model::{Behaviour, Lock, LockEndpoint, LockSpec};
+    use lockbridge::sim::model::{Behaviour, LockEndpoint};
     let f = Fixture::new(10);
     let now = Instant::now();
-    let spec = LockSpec {
-        serial: "10000000-000001".into(),
-        device_id: f.device_id,
-        key: f.lock_key.clone(),
-        authority: *f.authority.verifying_key(),
-        behaviour: Behaviour {
+    let mut lock = LockEndpoint::for_fixture(
+        &f,
+        Behaviour {
             trusted_time: false,
             ..Behaviour::default()
         },
-    };
-    let wall = lockbridge::ptls::WallClock {
-        at: now,
-        unix_ms: f.unix_ms,
-    };
-    let mut lock = LockEndpoint::new(Lock::new(spec, 1, wall), now, 247).unwrap();
+        1,
+        now,
+    );
     let signed = |ms: u64| {
         let datetime = ms.to_be_bytes();
         let sig: Signature = f.authority.sign(&datetime);
@@ -907,21 +895,10 @@ fn lock_drops_a_client_that_sends_no_hello_within_10_s() {
 
 #[test]
 fn lock_accepts_at_most_three_connections() {
-    use lockbridge::sim::model::{Behaviour, Lock, LockSpec, Refusal};
+    use lockbridge::sim::model::{Behaviour, Lock, Refusal};
     let f = Fixture::new(26);
     let now = Instant::now();
-    let spec = LockSpec {
-        serial: "10000000-000001".into(),
-        device_id: f.device_id,
-        key: f.lock_key.clone(),
-        authority: *f.authority.verifying_key(),
-        behaviour: Behaviour::default(),
-    };
-    let wall = lockbridge::ptls::WallClock {
-        at: now,
-        unix_ms: f.unix_ms,
-    };
-    let mut lock = Lock::new(spec, 1, wall);
+    let mut lock = Lock::for_fixture(&f, Behaviour::default(), 1, now);
     let ids: Vec<_> = (0..3).map(|_| lock.connect(now, 247).unwrap().0).collect();
     assert_eq!(lock.connect(now, 247), Err(Refusal::TooManyConnections));
     lock.disconnect(ids[0]);

@@ -12,8 +12,8 @@ use lockbridge::fault::FaultConfig;
 use lockbridge::ptls::api::{op, result};
 use lockbridge::ptls::pair::{Endpoint, Fixture, Pair};
 use lockbridge::ptls::wire;
-use lockbridge::ptls::{Channel, Client, Event, Server, WallClock};
-use lockbridge::sim::model::{Behaviour, Lock, LockEndpoint, LockSpec};
+use lockbridge::ptls::{Channel, Client, Event, Server};
+use lockbridge::sim::model::{Behaviour, LockEndpoint};
 
 struct LossReport {
     finished: u32,
@@ -122,22 +122,12 @@ fn handshake_at_20_percent_loss() {
 }
 
 fn sim_lock(f: &Fixture, now: Instant, seed: u64) -> LockEndpoint {
-    let spec = LockSpec {
-        serial: "10000000-000001".into(),
-        device_id: f.device_id,
-        key: f.lock_key.clone(),
-        authority: *f.authority.verifying_key(),
-        behaviour: Behaviour {
-            motor_time_ms: 300,
-            idle_disconnect_ms: 0,
-            ..Behaviour::default()
-        },
+    let behaviour = Behaviour {
+        motor_time_ms: 300,
+        idle_disconnect_ms: 0,
+        ..Behaviour::default()
     };
-    let wall = WallClock {
-        at: now,
-        unix_ms: f.unix_ms,
-    };
-    LockEndpoint::new(Lock::new(spec, seed, wall), now, 247).expect("first connection")
+    LockEndpoint::for_fixture(f, behaviour, seed, now)
 }
 
 /// Handshake, then send `commands` actuating commands one after another, each waiting for its

@@ -10,8 +10,8 @@ use lockbridge::fault::FaultConfig;
 use lockbridge::ptls::api::{LockState, notif, op, result};
 use lockbridge::ptls::cert::{PERM_LOCK_UNLOCK, PERM_READ};
 use lockbridge::ptls::pair::{Fixture, Pair};
-use lockbridge::ptls::{Client, Event, WallClock};
-use lockbridge::sim::model::{Behaviour, InitialState, Lock, LockEndpoint, LockSpec};
+use lockbridge::ptls::{Client, Event};
+use lockbridge::sim::model::{Behaviour, InitialState, LockEndpoint};
 
 struct Rig {
     p: Pair<Client, LockEndpoint>,
@@ -21,18 +21,7 @@ impl Rig {
     fn new(behaviour: Behaviour, permissions: u32) -> Rig {
         let f = Fixture::new(500);
         let now = Instant::now();
-        let spec = LockSpec {
-            serial: "10000000-000001".into(),
-            device_id: f.device_id,
-            key: f.lock_key.clone(),
-            authority: *f.authority.verifying_key(),
-            behaviour,
-        };
-        let wall = WallClock {
-            at: now,
-            unix_ms: f.unix_ms,
-        };
-        let lock = LockEndpoint::new(Lock::new(spec, 1, wall), now, 247).unwrap();
+        let lock = LockEndpoint::for_fixture(&f, behaviour, 1, now);
         let mut config = f.client_config();
         config.certificate = f.certificate(permissions);
         let client = f.client(config, 1, now);

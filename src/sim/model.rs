@@ -654,6 +654,35 @@ impl Lock {
     }
 }
 
+impl LockSpec {
+    /// A lock with the fixture's keys and device id, for tests and benchmarks.
+    pub fn for_fixture(f: &crate::ptls::pair::Fixture, behaviour: Behaviour) -> LockSpec {
+        LockSpec {
+            serial: "10000000-000001".into(),
+            device_id: f.device_id,
+            key: f.lock_key.clone(),
+            authority: *f.authority.verifying_key(),
+            behaviour,
+        }
+    }
+}
+
+impl Lock {
+    /// The fixture's lock, its wall clock at the fixture's time.
+    pub fn for_fixture(
+        f: &crate::ptls::pair::Fixture,
+        behaviour: Behaviour,
+        seed: u64,
+        now: Instant,
+    ) -> Lock {
+        let wall = WallClock {
+            at: now,
+            unix_ms: f.unix_ms,
+        };
+        Lock::new(LockSpec::for_fixture(f, behaviour), seed, wall)
+    }
+}
+
 /// One lock with one connection, subscribed to everything: for the pair harness.
 pub struct LockEndpoint {
     pub lock: Lock,
@@ -663,6 +692,17 @@ pub struct LockEndpoint {
 }
 
 impl LockEndpoint {
+    /// The fixture's lock with one connection at ATT MTU 247.
+    pub fn for_fixture(
+        f: &crate::ptls::pair::Fixture,
+        behaviour: Behaviour,
+        seed: u64,
+        now: Instant,
+    ) -> LockEndpoint {
+        LockEndpoint::new(Lock::for_fixture(f, behaviour, seed, now), now, 247)
+            .expect("a new lock accepts its first connection")
+    }
+
     pub fn new(mut lock: Lock, now: Instant, att_mtu: u16) -> Result<LockEndpoint, Refusal> {
         let (conn, _) = lock.connect(now, att_mtu)?;
         for c in Channel::ALL {
