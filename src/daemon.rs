@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
 use crate::authority::unix_ms_now;
 use crate::config::{Config, Transport};
@@ -60,9 +60,22 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
                 ledger,
             ))
         }
-        Transport::Ble => bail!(
-            "ble.transport = \"ble\": the BlueZ link is not in this build yet; use transport = \"sim\" with a simulator"
-        ),
+        Transport::Ble => {
+            let connector = crate::link::ble::BleConnector::new(
+                &config.ble.adapter,
+                Duration::from_secs(config.ble.connect_timeout_s),
+            )
+            .await
+            .context("ble")?;
+            Arc::new(Supervisor::start(
+                config.clone(),
+                gateway_key,
+                credentials,
+                Arc::new(connector),
+                registry.clone(),
+                ledger,
+            ))
+        }
     };
     let listener = control::bind(&config.control.socket)
         .with_context(|| format!("control socket {}", config.control.socket.display()))?;

@@ -15,6 +15,8 @@ pub enum DriveError {
     Link(#[from] LinkError),
     #[error("link lost: {0}")]
     Disconnected(String),
+    #[error("write not delivered: {0}")]
+    NotDelivered(String),
     #[error("{0}")]
     Closed(ptls::Error),
     #[error("command {opcode:#04x} got no response ({why:?}); it may have reached the lock")]
@@ -66,6 +68,9 @@ impl<L: Link> Driver<L> {
                 Ok(()) => {}
                 Err(LinkError::Disconnected { reason }) => {
                     return Err(DriveError::Disconnected(reason));
+                }
+                Err(LinkError::NotDelivered { reason }) => {
+                    return Err(DriveError::NotDelivered(reason));
                 }
                 Err(e) => return Err(e.into()),
             }

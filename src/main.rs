@@ -117,9 +117,15 @@ struct SimServe {
     /// The world file (`sim init` writes one).
     #[arg(long)]
     config: PathBuf,
-    /// unix:PATH or tcp:127.0.0.1:PORT
+    /// Serve over the sim socket: unix:PATH or tcp:127.0.0.1:PORT
+    #[arg(long, required_unless_present = "ble", conflicts_with = "ble")]
+    listen: Option<ListenAddr>,
+    /// Serve as BLE peripherals through BlueZ, one lock per adapter.
     #[arg(long)]
-    listen: ListenAddr,
+    ble: bool,
+    /// With --ble: adapters for the locks, in order, comma-separated (default: hci1,hci2,…).
+    #[arg(long, requires = "ble")]
+    adapter: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -280,29 +286,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Sim { serve: Some(s), .. } => {
             let (config, specs) = SimConfig::load(&s.config)?;
+            let world = SimWorld {
+                locks: specs,
+                faults: config.faults,
+                event_log: config.event_log,
+                seed: config.seed,
+            };
             let rt = runtime()?;
             rt.block_on(async {
-                let listener = Listener::bind(&s.listen)
-                    .await
-                    .with_context(|| format!("listening on {}", s.listen))?;
-                log::info!(
-                    "sim: serving {} locks on {}",
-                    specs.len(),
-                    listener.local_addr()?
-                );
-                let world = SimWorld {
-                    locks: specs,
-                    faults: config.faults,
-                    event_log: config.event_log,
-                    seed: config.seed,
-                };
-                lockbridge::sim::serve::serve(world, listener, shutdown_signal()).await?;
+                if let Some(listen) = s.listen {
+                    let listener = Listener::bind(&listen)
+                        .await
+                        .with_context(|| format!("listening on {listen}"))?;
+                    log::info!(
+                        "sim: serving {} locks on {}",
+                        world.locks.len(),
+                        listener.local_addr()?
+                    );
+                    lockbridge::sim::serve::serve(world, listener, shutdown_signal()).await?;
+                } else {
+                    let adapters: Vec<String> = match s.adapter {
+                        Some(list) => list.split(',').map(|a| a.trim().to_string()).collect(),
+                        None => (1..=world.locks.len()).map(|i| format!("hci{i}")).collect(),
+                    };
+                    lockbridge::sim::ble::serve_ble(world, &adapters, shutdown_signal()).await?;
+                }
                 log::info!("sim: stopped");
-                Ok(())
+                anyhow::Ok(())
             })
         }
         Command::Sim { .. } => anyhow::bail!(
-            "sim needs --config FILE --listen ADDR, or `sim init DIR` (see lockbridge sim --help)"
+            "sim needs --config FILE with --listen ADDR or --ble, or `sim init DIR` (see lockbridge sim --help)"
         ),
         Command::Keys(KeysCommand::Init { out: path }) => {
             let key = keys::generate(&path)?;

@@ -39,6 +39,8 @@ pub struct LockView {
     pub jammed: bool,
     pub battery: Option<u8>,
     pub charging: bool,
+    /// Signal strength when the link last came up (BLE).
+    pub rssi: Option<i16>,
     /// The gateway can reach the lock now or on demand.
     pub available: bool,
     pub session_established_ms: Option<u64>,

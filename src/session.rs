@@ -96,6 +96,8 @@ enum Answer {
     Response(api::Response),
     Unanswered(String),
     LinkLost(String),
+    /// The command's write provably never reached the lock.
+    NotDelivered(String),
 }
 
 struct Certificate {
@@ -425,7 +427,11 @@ impl<C: Connector> Session<C> {
         match handshake.await {
             Ok(session_id) => {
                 let at = unix_ms_now();
+                let rssi = driver.link().rssi();
                 self.p.registry.update(self.id(), at, |v| {
+                    if rssi.is_some() {
+                        v.rssi = rssi;
+                    }
                     v.status = LinkStatus::Connected;
                     v.available = true;
                     v.last_error = None;
@@ -758,6 +764,10 @@ impl<C: Connector> Session<C> {
                 self.finish(&job, Outcome::failed("unreachable"));
                 Ok(())
             }
+            Answer::NotDelivered(reason) => {
+                self.finish(&job, Outcome::failed("unreachable"));
+                Err(reason)
+            }
             Answer::LinkLost(reason) if cmd.action.is_actuating() => {
                 self.readback = Some((
                     job,
@@ -774,10 +784,17 @@ impl<C: Connector> Session<C> {
     }
 
     async fn await_response(&mut self, driver: &mut Driver<C::Link>, opcode: u8) -> Answer {
+        // Only the first flush writes the command itself.
+        let mut first = true;
         loop {
-            if let Err(e) = driver.flush().await {
-                return Answer::LinkLost(e.to_string());
+            match driver.flush().await {
+                Ok(()) => {}
+                Err(DriveError::NotDelivered(reason)) if first => {
+                    return Answer::NotDelivered(reason);
+                }
+                Err(e) => return Answer::LinkLost(e.to_string()),
             }
+            first = false;
             while let Some(e) = driver.client_mut().poll_event() {
                 match e {
                     Event::Response(r) if r.opcode == opcode => return Answer::Response(r),

@@ -58,6 +58,7 @@ pub fn initial_view(entry: &crate::config::LockEntry) -> LockView {
         jammed: false,
         battery: None,
         charging: false,
+        rssi: None,
         available: true,
         session_established_ms: None,
         session_expires_ms: None,

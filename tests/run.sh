@@ -15,6 +15,11 @@ command -v python3 >/dev/null || apt_packages+=(python3)
 python3 -m venv --help >/dev/null 2>&1 || apt_packages+=(python3-venv)
 command -v cc >/dev/null || apt_packages+=(gcc libc6-dev)
 command -v pkg-config >/dev/null || apt_packages+=(pkg-config)
+# bluer links libdbus; the BlueZ tests run a private dbus-daemon with BlueZoo.
+pkg-config --exists dbus-1 2>/dev/null || apt_packages+=(libdbus-1-dev)
+command -v dbus-daemon >/dev/null || apt_packages+=(dbus)
+# BlueZoo's sd-bus binding needs libsystemd at run time.
+ldconfig -p 2>/dev/null | grep -q 'libsystemd\.so\.0' || apt_packages+=(libsystemd0)
 command -v kill >/dev/null || apt_packages+=(procps)
 if ((${#apt_packages[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
@@ -37,7 +42,7 @@ for component in fmt clippy; do
     fi
 done
 
-# --- Python tools (independent known-answer vectors) --------------------------------------
+# --- Python tools (independent known-answer vectors, BlueZoo) ------------------------------
 if [[ ! -x .venv/bin/python ]]; then
     say "creating .venv for the Python tools"
     python3 -m venv .venv
@@ -45,6 +50,10 @@ fi
 if ! .venv/bin/python -c 'import cryptography, sys; sys.exit(int(cryptography.__version__.split(".")[0]) < 44)' 2>/dev/null; then
     say "installing Python cryptography (>= 44, for deterministic ECDSA)"
     .venv/bin/pip install -q "cryptography>=44"
+fi
+if [[ ! -x .venv/bin/bluezoo ]]; then
+    say "installing BlueZoo (user-space BlueZ emulator for the BlueZ tests)"
+    .venv/bin/pip install -q bluezoo
 fi
 
 # --- checks -------------------------------------------------------------------------------

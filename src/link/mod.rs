@@ -1,7 +1,8 @@
 //! Lock links: byte pipes only, no protocol logic. A link carries values tagged with their
 //! characteristic, reports disconnects and knows the negotiated ATT MTU. Implementations:
-//! [`sim::SimLink`] (the sim socket); the BlueZ link comes later behind the same trait.
+//! [`sim::SimLink`] (the sim socket) and [`ble::BleLink`] (BlueZ through `bluer`).
 
+pub mod ble;
 pub mod sim;
 
 use std::future::Future;
@@ -27,15 +28,26 @@ pub enum LinkError {
     MtuTooSmall { serial: String, mtu: u16 },
     #[error("link disconnected: {reason}")]
     Disconnected { reason: String },
+    /// The write provably did not reach the lock (the stack could not route it).
+    #[error("write not delivered: {reason}")]
+    NotDelivered { reason: String },
     #[error("link timed out waiting for {0}")]
     Timeout(&'static str),
     #[error("link I/O: {0}")]
     Io(#[from] std::io::Error),
+    #[error("BlueZ: {op}: {message}")]
+    Ble { op: &'static str, message: String },
+    #[error("lock {serial} not found: nothing advertises {uuid} (is it in range and awake?)")]
+    NotFound { serial: String, uuid: String },
 }
 
 /// One BLE connection to one lock, subscribed to PTLS_TX, API_COMMANDS and NOTIFICATIONS.
 pub trait Link: Send {
     fn att_mtu(&self) -> u16;
+    /// Signal strength when the link came up, where the transport knows it.
+    fn rssi(&self) -> Option<i16> {
+        None
+    }
     /// Write with response; resolves when the lock acknowledged the write.
     fn write(
         &mut self,

@@ -2,6 +2,7 @@
 //! or over the sim socket ([`serve`], format in [`wire`]), configured by `sim.toml`
 //! ([`config`]), and [`init`] to write a ready world.
 
+pub mod ble;
 pub mod config;
 pub mod model;
 pub mod serve;
@@ -15,6 +16,46 @@ use crate::authority::Authority;
 use crate::keys::{self, KeyError};
 use config::{LockConfig, SimConfig};
 use model::Behaviour;
+
+/// The JSON-lines event log of actuations (or nothing when no file is configured).
+pub struct EventLog(Option<std::fs::File>);
+
+impl EventLog {
+    pub fn open(path: Option<&Path>) -> std::io::Result<EventLog> {
+        let file = match path {
+            Some(p) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)?,
+            ),
+            None => None,
+        };
+        Ok(EventLog(file))
+    }
+
+    /// Append each actuation as one line and flush. A log that cannot be written is reported,
+    /// not fatal: the locks go on.
+    pub fn write(&mut self, actuations: &[model::Actuation]) {
+        use std::io::Write;
+        for a in actuations {
+            log::info!(
+                "sim: {}: {} mode {} -> {} ({})",
+                a.lock,
+                a.command,
+                a.mode,
+                a.result,
+                a.state
+            );
+            if let Some(f) = self.0.as_mut() {
+                let line = serde_json::to_string(a).unwrap_or_default();
+                if let Err(e) = writeln!(f, "{line}").and_then(|_| f.flush()) {
+                    log::error!("sim: event log: {e}");
+                }
+            }
+        }
+    }
+}
 
 /// What `lockbridge sim init` prints.
 #[derive(Debug, Serialize)]

@@ -5,9 +5,7 @@
 //! configured faults to values in both directions and appends every actuation to the event log.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{File, OpenOptions};
 use std::future::Future;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -125,7 +123,7 @@ struct World {
     sockets: HashMap<u64, Sock>,
     by_conn: HashMap<(String, ConnId), u64>,
     faults: FaultConfig,
-    event_log: Option<File>,
+    event_log: super::EventLog,
 }
 
 /// Serve until `shutdown` completes.
@@ -139,10 +137,7 @@ pub async fn serve(
         at: now,
         unix_ms: crate::authority::unix_ms_now(),
     };
-    let event_log = match &world.event_log {
-        Some(path) => Some(OpenOptions::new().create(true).append(true).open(path)?),
-        None => None,
-    };
+    let event_log = super::EventLog::open(world.event_log.as_deref())?;
     let locks = world
         .locks
         .into_iter()
@@ -364,23 +359,7 @@ impl World {
         }
         let actuations = lock.take_actuations();
         let progressed = !outputs.is_empty();
-        for a in actuations {
-            log::info!(
-                "sim: {}: {} mode {} -> {} ({})",
-                a.lock,
-                a.command,
-                a.mode,
-                a.result,
-                a.state
-            );
-            if let Some(f) = self.event_log.as_mut() {
-                // An event log that cannot be written is reported, not fatal: the lock goes on.
-                let line = serde_json::to_string(&a).unwrap_or_default();
-                if let Err(e) = writeln!(f, "{line}").and_then(|_| f.flush()) {
-                    log::error!("sim: event log: {e}");
-                }
-            }
-        }
+        self.event_log.write(&actuations);
         for o in outputs {
             match o {
                 Output::Value {

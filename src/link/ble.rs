@@ -1,0 +1,484 @@
+//! The BlueZ link (design §4): locks reached through BlueZ over D-Bus with `bluer`.
+//!
+//! Per connection: find the lock by its serial-derived UUID (or address) with an LE discovery
+//! filter, connect with a timeout and bounded retries, wait for `ServicesResolved`, find the
+//! lock service and its four characteristics, check the MTU, subscribe to PTLS_TX,
+//! API_COMMANDS and NOTIFICATIONS, then write with response (`write_ext` with
+//! `WriteOp::Request`; bluer's plain `write` is write-without-response). One D-Bus method call
+//! per frame written; values arrive as signals.
+
+use std::time::Duration;
+
+use bluer::gatt::WriteOp;
+use bluer::gatt::remote::{Characteristic, CharacteristicWriteRequest};
+use bluer::{
+    Adapter, AdapterEvent, Address, Device, DeviceEvent, DeviceProperty, DiscoveryFilter,
+    DiscoveryTransport,
+};
+use futures_util::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::{Link, LinkError, LinkEvent};
+use crate::ptls::Channel;
+use crate::ptls::gatt;
+use crate::ptls::wire::MIN_ATT_MTU;
+
+/// Connection attempts before the device is removed from the adapter and the error reported.
+const CONNECT_ATTEMPTS: u32 = 3;
+const DISCOVERY_LIMIT: Duration = Duration::from_secs(30);
+const RESOLVE_LIMIT: Duration = Duration::from_secs(15);
+
+fn ble(op: &'static str) -> impl FnOnce(bluer::Error) -> LinkError {
+    move |e| LinkError::Ble {
+        op,
+        message: e.to_string(),
+    }
+}
+
+/// BlueZ's errors that a retry usually cures.
+pub fn is_transient(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("le-connection-abort-by-local")
+        || m.contains("inprogress")
+        || m.contains("in progress")
+        || m.contains("software caused connection abort")
+        || m.contains("connection attempt failed")
+}
+
+/// D-Bus and BlueZ errors that prove a write never left the gateway: the object or the peer
+/// was not there to send it to. Anything else (a timeout, an ATT error) may have reached the
+/// lock and is treated as such.
+pub fn never_sent(message: &str) -> bool {
+    [
+        "ServiceUnknown",
+        "UnknownObject",
+        "UnknownMethod",
+        "NotConnected",
+        "Not connected",
+    ]
+    .iter()
+    .any(|m| message.contains(m))
+}
+
+/// Opens links through one adapter (by name, or the default adapter).
+pub struct BleConnector {
+    session: bluer::Session,
+    adapter: Option<String>,
+    connect_timeout: Duration,
+}
+
+impl BleConnector {
+    /// Connect to BlueZ on the system bus (`DBUS_SYSTEM_BUS_ADDRESS` is honoured).
+    pub async fn new(adapter: &str, connect_timeout: Duration) -> Result<BleConnector, LinkError> {
+        let session = bluer::Session::new().await.map_err(|e| LinkError::Ble {
+            op: "connecting to BlueZ on the system D-Bus",
+            message: format!("{e}; is bluetoothd running (systemctl status bluetooth)?"),
+        })?;
+        Ok(BleConnector {
+            session,
+            adapter: (!adapter.is_empty()).then(|| adapter.to_string()),
+            connect_timeout: connect_timeout.max(Duration::from_secs(10)),
+        })
+    }
+
+    /// The adapter, looked up on every connection so one that went away and came back is used
+    /// again.
+    async fn adapter(&self) -> Result<Adapter, LinkError> {
+        let adapter = match &self.adapter {
+            Some(name) => self
+                .session
+                .adapter(name)
+                .map_err(ble("opening the adapter"))?,
+            None => self
+                .session
+                .default_adapter()
+                .await
+                .map_err(ble("finding the default adapter"))?,
+        };
+        if !adapter.is_powered().await.map_err(|e| LinkError::Ble {
+            op: "reading the adapter",
+            message: format!(
+                "{}: {e} (is the adapter present? `bluetoothctl list`)",
+                adapter.name()
+            ),
+        })? {
+            adapter
+                .set_powered(true)
+                .await
+                .map_err(ble("powering the adapter on"))?;
+        }
+        Ok(adapter)
+    }
+
+    /// A known device with the lock's serial UUID, else discover one with an LE filter.
+    async fn find(&self, adapter: &Adapter, serial: &str) -> Result<Device, LinkError> {
+        if let Ok(address) = serial.parse::<Address>() {
+            return adapter.device(address).map_err(ble("opening the device"));
+        }
+        let uuid: Uuid = gatt::serial_uuid(serial)
+            .map_err(|e| LinkError::Ble {
+                op: "deriving the advertised UUID",
+                message: e.to_string(),
+            })?
+            .parse()
+            .map_err(|_| LinkError::Ble {
+                op: "deriving the advertised UUID",
+                message: serial.to_string(),
+            })?;
+        for address in adapter
+            .device_addresses()
+            .await
+            .map_err(ble("listing devices"))?
+        {
+            let device = adapter.device(address).map_err(ble("opening the device"))?;
+            if has_uuid(&device, &uuid).await {
+                return Ok(device);
+            }
+        }
+        adapter
+            .set_discovery_filter(DiscoveryFilter {
+                transport: DiscoveryTransport::Le,
+                uuids: [uuid].into(),
+                ..Default::default()
+            })
+            .await
+            .map_err(ble("setting the LE discovery filter"))?;
+        let events = adapter
+            .discover_devices()
+            .await
+            .map_err(ble("starting discovery"))?;
+        let mut events = Box::pin(events);
+        let search = async {
+            while let Some(ev) = events.next().await {
+                if let AdapterEvent::DeviceAdded(address) = ev {
+                    if let Ok(device) = adapter.device(address) {
+                        if has_uuid(&device, &uuid).await {
+                            return Some(device);
+                        }
+                    }
+                }
+            }
+            None
+        };
+        match tokio::time::timeout(DISCOVERY_LIMIT, search).await {
+            Ok(Some(device)) => Ok(device),
+            _ => Err(LinkError::NotFound {
+                serial: serial.to_string(),
+                uuid: uuid.to_string(),
+            }),
+        }
+    }
+
+    async fn connect_device(&self, adapter: &Adapter, device: &Device) -> Result<(), LinkError> {
+        // A new link starts from a clean device: one still marked connected is a leftover
+        // whose GATT objects may be stale.
+        if device.is_connected().await.unwrap_or(false) {
+            let _ = device.disconnect().await;
+        }
+        let mut last = String::new();
+        for attempt in 1..=CONNECT_ATTEMPTS {
+            match tokio::time::timeout(self.connect_timeout, device.connect()).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => {
+                    last = e.to_string();
+                    if !is_transient(&last) && attempt == CONNECT_ATTEMPTS {
+                        break;
+                    }
+                    log::debug!("connect {} attempt {attempt}: {last}", device.address());
+                }
+                Err(_) => last = format!("no connection within {:?}", self.connect_timeout),
+            }
+            tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt))).await;
+        }
+        // BlueZ sometimes keeps a device stuck after failed attempts; removing it clears that.
+        let _ = adapter.remove_device(device.address()).await;
+        Err(LinkError::Ble {
+            op: "connecting",
+            message: format!(
+                "{} after {CONNECT_ATTEMPTS} attempts: {last}",
+                device.address()
+            ),
+        })
+    }
+}
+
+async fn has_uuid(device: &Device, uuid: &Uuid) -> bool {
+    device
+        .uuids()
+        .await
+        .ok()
+        .flatten()
+        .is_some_and(|u| u.contains(uuid))
+}
+
+async fn wait_resolved(device: &Device) -> Result<(), LinkError> {
+    let until = tokio::time::Instant::now() + RESOLVE_LIMIT;
+    while !device
+        .is_services_resolved()
+        .await
+        .map_err(ble("reading ServicesResolved"))?
+    {
+        if tokio::time::Instant::now() > until {
+            return Err(LinkError::Timeout("ServicesResolved"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// The lock service's four characteristics.
+struct LockChars {
+    notifications: Characteristic,
+    ptls_tx: Characteristic,
+    ptls_rx: Characteristic,
+    api: Characteristic,
+}
+
+async fn lock_chars(device: &Device) -> Result<LockChars, LinkError> {
+    let service_uuid: Uuid = gatt::SERVICE_UUID
+        .parse()
+        .map_err(|_| LinkError::Timeout("service UUID"))?;
+    let want = |c: Channel| c.uuid().parse::<Uuid>().ok();
+    for service in device.services().await.map_err(ble("listing services"))? {
+        if service.uuid().await.map_err(ble("reading a service"))? != service_uuid {
+            continue;
+        }
+        let (mut n, mut tx, mut rx, mut api) = (None, None, None, None);
+        for c in service
+            .characteristics()
+            .await
+            .map_err(ble("listing characteristics"))?
+        {
+            let u = c.uuid().await.map_err(ble("reading a characteristic"))?;
+            if Some(u) == want(Channel::Notifications) {
+                n = Some(c);
+            } else if Some(u) == want(Channel::PtlsTx) {
+                tx = Some(c);
+            } else if Some(u) == want(Channel::PtlsRx) {
+                rx = Some(c);
+            } else if Some(u) == want(Channel::ApiCommands) {
+                api = Some(c);
+            }
+        }
+        if let (Some(notifications), Some(ptls_tx), Some(ptls_rx), Some(api)) = (n, tx, rx, api) {
+            return Ok(LockChars {
+                notifications,
+                ptls_tx,
+                ptls_rx,
+                api,
+            });
+        }
+    }
+    Err(LinkError::Ble {
+        op: "finding the lock service",
+        message: format!(
+            "{} has no service {} with the four lock characteristics",
+            device.address(),
+            gatt::SERVICE_UUID
+        ),
+    })
+}
+
+impl crate::session::Connector for BleConnector {
+    type Link = BleLink;
+
+    async fn connect(&self, serial: &str, att_mtu: u16) -> Result<BleLink, LinkError> {
+        let adapter = self.adapter().await?;
+        let device = self.find(&adapter, serial).await?;
+        self.connect_device(&adapter, &device).await?;
+        let link = async {
+            wait_resolved(&device).await?;
+            let chars = lock_chars(&device).await?;
+            let mtu = chars.ptls_rx.mtu().await.map_err(ble("reading the MTU"))?;
+            let mtu = u16::try_from(mtu).unwrap_or(u16::MAX).min(att_mtu);
+            if mtu < MIN_ATT_MTU {
+                return Err(LinkError::MtuTooSmall {
+                    serial: serial.to_string(),
+                    mtu,
+                });
+            }
+            // Subscribe before hello (spec §1); notify() is the tested path (no AcquireNotify).
+            let tx = chars
+                .ptls_tx
+                .notify()
+                .await
+                .map_err(ble("subscribing to PTLS_TX"))?;
+            let api = chars
+                .api
+                .notify()
+                .await
+                .map_err(ble("subscribing to API_COMMANDS"))?;
+            let notes = chars
+                .notifications
+                .notify()
+                .await
+                .map_err(ble("subscribing to NOTIFICATIONS"))?;
+            let device_events = device.events().await.map_err(ble("watching the device"))?;
+            let (events_tx, events) = mpsc::unbounded_channel();
+            let forwarder = tokio::spawn(forward(tx, api, notes, device_events, events_tx));
+            let rssi = device.rssi().await.ok().flatten();
+            Ok(BleLink {
+                device: device.clone(),
+                ptls_rx: chars.ptls_rx,
+                api: chars.api,
+                att_mtu: mtu,
+                events,
+                forwarder,
+                closed: false,
+                rssi,
+            })
+        };
+        match link.await {
+            Ok(link) => Ok(link),
+            Err(e) => {
+                // Set-up failed on a connected device: clear it so the next attempt discovers
+                // and resolves it afresh.
+                let _ = device.disconnect().await;
+                let _ = adapter.remove_device(device.address()).await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Merge the three value streams and the device's disconnect into one ordered channel.
+async fn forward(
+    tx: impl Stream<Item = Vec<u8>> + Send + 'static,
+    api: impl Stream<Item = Vec<u8>> + Send + 'static,
+    notes: impl Stream<Item = Vec<u8>> + Send + 'static,
+    device_events: impl Stream<Item = DeviceEvent> + Send + 'static,
+    out: mpsc::UnboundedSender<LinkEvent>,
+) {
+    let tagged = futures_util::stream::select_all([
+        tx.map(|v| (Channel::PtlsTx, v)).boxed(),
+        api.map(|v| (Channel::ApiCommands, v)).boxed(),
+        notes.map(|v| (Channel::Notifications, v)).boxed(),
+    ]);
+    let mut tagged = Box::pin(tagged);
+    let mut device_events = Box::pin(device_events);
+    loop {
+        tokio::select! {
+            v = tagged.next() => match v {
+                Some((channel, value)) => {
+                    if out.send(LinkEvent::Value { channel, value }).is_err() {
+                        return;
+                    }
+                }
+                None => break,
+            },
+            ev = device_events.next() => match ev {
+                Some(DeviceEvent::PropertyChanged(DeviceProperty::Connected(false))) | None => break,
+                Some(_) => {}
+            },
+        }
+    }
+    let _ = out.send(LinkEvent::Disconnected {
+        reason: "BLE link dropped".into(),
+    });
+}
+
+pub struct BleLink {
+    device: Device,
+    ptls_rx: Characteristic,
+    api: Characteristic,
+    att_mtu: u16,
+    events: mpsc::UnboundedReceiver<LinkEvent>,
+    forwarder: tokio::task::JoinHandle<()>,
+    closed: bool,
+    rssi: Option<i16>,
+}
+
+impl Link for BleLink {
+    fn att_mtu(&self) -> u16 {
+        self.att_mtu
+    }
+
+    fn rssi(&self) -> Option<i16> {
+        self.rssi
+    }
+
+    async fn write(&mut self, channel: Channel, value: &[u8]) -> Result<(), LinkError> {
+        let target = match channel {
+            Channel::PtlsRx => &self.ptls_rx,
+            Channel::ApiCommands => &self.api,
+            Channel::PtlsTx | Channel::Notifications => {
+                return Err(LinkError::Ble {
+                    op: "writing",
+                    message: format!("{} is not writable", channel.name()),
+                });
+            }
+        };
+        let request = CharacteristicWriteRequest {
+            op_type: WriteOp::Request,
+            ..Default::default()
+        };
+        target.write_ext(value, &request).await.map_err(|e| {
+            let reason = format!("write to {} failed: {e}", channel.name());
+            if never_sent(&e.to_string()) {
+                LinkError::NotDelivered { reason }
+            } else {
+                LinkError::Disconnected { reason }
+            }
+        })
+    }
+
+    async fn recv(&mut self) -> LinkEvent {
+        if self.closed {
+            return LinkEvent::Disconnected {
+                reason: "closed".into(),
+            };
+        }
+        match self.events.recv().await {
+            Some(e) => {
+                if matches!(e, LinkEvent::Disconnected { .. }) {
+                    self.closed = true;
+                }
+                e
+            }
+            None => {
+                self.closed = true;
+                LinkEvent::Disconnected {
+                    reason: "BLE link dropped".into(),
+                }
+            }
+        }
+    }
+
+    async fn close(&mut self) {
+        self.forwarder.abort();
+        if !self.closed {
+            self.closed = true;
+            let _ = self.device.disconnect().await;
+        }
+    }
+}
+
+impl Drop for BleLink {
+    fn drop(&mut self) {
+        self.forwarder.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_bluez_errors_are_recognised() {
+        assert!(is_transient("le-connection-abort-by-local"));
+        assert!(is_transient("Operation already in progress"));
+        assert!(is_transient("org.bluez.Error.InProgress"));
+        assert!(is_transient("Software caused connection abort"));
+        assert!(!is_transient("org.bluez.Error.NotAvailable"));
+    }
+
+    #[test]
+    fn undeliverable_writes_are_recognised() {
+        assert!(never_sent(
+            "D-Bus error org.freedesktop.DBus.Error.ServiceUnknown: The name :1.5"
+        ));
+        assert!(never_sent("org.bluez.Error.NotConnected"));
+        assert!(!never_sent("org.bluez.Error.Failed: Operation timed out"));
+    }
+}

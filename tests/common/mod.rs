@@ -1,0 +1,391 @@
+//! Helpers shared by the end-to-end suites: a demo world on disk, the simulator and the daemon
+//! as processes, the control socket, and — for the BlueZ path — a private D-Bus with BlueZoo.
+
+#![allow(dead_code, clippy::unwrap_used)] // each suite uses a different subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use lockbridge::command::{Action, Mode, Outcome, Report};
+use lockbridge::control::{ControlClient, Request};
+
+pub struct World {
+    _dir: tempfile::TempDir,
+    pub dir: PathBuf,
+    pub summary: Value,
+}
+
+impl World {
+    /// A demo world with `locks` locks, instant links and short motor time; `edit` changes
+    /// sim.toml (as a TOML table) before anything runs.
+    pub fn new(locks: usize, edit: impl FnOnce(&mut toml::Table)) -> World {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("w");
+        let out = lockbridge(&[
+            "demo",
+            "--setup-only",
+            "--json",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--locks",
+            &locks.to_string(),
+            "--connection-interval-ms",
+            "0",
+        ]);
+        let summary: Value = serde_json::from_str(&out).unwrap();
+        let sim_path = PathBuf::from(summary["sim_config"].as_str().unwrap());
+        let mut sim: toml::Table = std::fs::read_to_string(&sim_path).unwrap().parse().unwrap();
+        for lock in sim["lock"].as_array_mut().unwrap() {
+            let b = lock
+                .as_table_mut()
+                .unwrap()
+                .entry("behaviour")
+                .or_insert(toml::Value::Table(Default::default()));
+            b.as_table_mut()
+                .unwrap()
+                .insert("motor_time_ms".into(), toml::Value::Integer(300));
+        }
+        edit(&mut sim);
+        std::fs::write(&sim_path, toml::to_string(&sim).unwrap()).unwrap();
+        World {
+            _dir: tmp,
+            dir,
+            summary,
+        }
+    }
+
+    pub fn daemon_config(&self) -> PathBuf {
+        PathBuf::from(self.summary["daemon_config"].as_str().unwrap())
+    }
+
+    pub fn edit_daemon_config(&self, f: impl FnOnce(String) -> String) {
+        let path = self.daemon_config();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, f(text)).unwrap();
+    }
+
+    pub fn control(&self) -> PathBuf {
+        PathBuf::from(self.summary["control_socket"].as_str().unwrap())
+    }
+
+    /// Make the daemon reach its locks through BlueZ on `adapter`.
+    pub fn use_ble(&self, adapter: &str) {
+        self.edit_daemon_config(|t| {
+            t.replace(
+                "transport = \"sim\"",
+                &format!("transport = \"ble\"\nadapter = \"{adapter}\""),
+            )
+        });
+    }
+
+    /// Serve the locks as BLE peripherals on `adapters` (one each) of the emulator.
+    pub fn sim_ble(&self, emu: &Emulator, adapters: &str) -> Proc {
+        let log_path = self.dir.join(format!("sim-ble-{}.log", unique()));
+        let child = Command::new(env!("CARGO_BIN_EXE_lockbridge"))
+            .args([
+                "sim",
+                "--config",
+                self.summary["sim_config"].as_str().unwrap(),
+                "--ble",
+                "--adapter",
+                adapters,
+            ])
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &emu.address)
+            .env("LOCKBRIDGE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap();
+        let locks = self.summary["locks"].as_array().unwrap().len();
+        wait_for(
+            || {
+                std::fs::read_to_string(&log_path)
+                    .unwrap_or_default()
+                    .matches("served on")
+                    .count()
+                    >= locks
+            },
+            "the BLE simulator to advertise",
+        );
+        Proc(child)
+    }
+
+    pub fn sim(&self) -> Proc {
+        let endpoint = self.summary["sim_endpoint"].as_str().unwrap();
+        let socket = PathBuf::from(endpoint.strip_prefix("unix:").unwrap());
+        let _ = std::fs::remove_file(&socket);
+        let child = Command::new(env!("CARGO_BIN_EXE_lockbridge"))
+            .args([
+                "sim",
+                "--config",
+                self.summary["sim_config"].as_str().unwrap(),
+                "--listen",
+                endpoint,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for(|| socket.exists(), "the simulator socket");
+        Proc(child)
+    }
+
+    pub fn daemon_with_env(&self, env: &[(&str, &str)]) -> Proc {
+        let log = std::fs::File::create(self.dir.join(format!(
+            "daemon-{}.log",
+            Instant::now().elapsed().as_nanos()
+        )))
+        .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockbridge"));
+        cmd.args(["run", "--config", self.daemon_config().to_str().unwrap()])
+            .env("LOCKBRIDGE_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let control = self.control();
+        wait_for(
+            || std::os::unix::net::UnixStream::connect(&control).is_ok(),
+            "the daemon's control socket",
+        );
+        Proc(child)
+    }
+
+    pub fn daemon(&self) -> Proc {
+        self.daemon_with_env(&[])
+    }
+
+    /// The lock's record of every actuating command it received.
+    pub fn actuations(&self) -> Vec<Value> {
+        let path = self.dir.join("events.jsonl");
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    pub async fn command(
+        &self,
+        lock: &str,
+        action: Action,
+        id: Option<&str>,
+        ttl_s: Option<u64>,
+    ) -> Vec<Report> {
+        let mut c = ControlClient::connect(&self.control()).await.unwrap();
+        c.command(&Request::Command {
+            lock: lock.into(),
+            action,
+            mode: Mode::Normal,
+            id: id.map(str::to_string),
+            ttl_s,
+        })
+        .await
+        .unwrap()
+    }
+
+    pub async fn locks(&self) -> Vec<Value> {
+        let mut c = ControlClient::connect(&self.control()).await.unwrap();
+        c.request(&Request::Locks).await.unwrap();
+        c.line().await.unwrap().as_array().unwrap().clone()
+    }
+
+    pub async fn wait_status(&self, lock: &str, status: &str, limit: Duration) {
+        let t = Instant::now();
+        loop {
+            let locks = self.locks().await;
+            let v = locks.iter().find(|v| v["id"] == lock).unwrap();
+            if v["status"] == status && (status != "connected" || !v["state"].is_null()) {
+                return;
+            }
+            assert!(t.elapsed() < limit, "{lock} never reached {status}: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+pub struct Proc(pub Child);
+
+impl Proc {
+    pub fn signal(&self, sig: &str) {
+        assert!(
+            Command::new("kill")
+                .args([sig, &self.0.id().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let t = Instant::now();
+        loop {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                return s;
+            }
+            assert!(t.elapsed() < limit, "process did not exit within {limit:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn lockbridge(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_lockbridge"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "lockbridge {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn wait_for(mut ok: impl FnMut() -> bool, what: &str) {
+    let t = Instant::now();
+    while !ok() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn outcome(reports: &[Report]) -> &Outcome {
+    let done: Vec<&Outcome> = reports.iter().filter_map(Report::outcome).collect();
+    assert_eq!(done.len(), 1, "exactly one terminal outcome: {reports:?}");
+    done[0]
+}
+
+pub fn set_lock(sim: &mut toml::Table, index: usize, key: &str, value: toml::Value) {
+    let lock = sim["lock"].as_array_mut().unwrap()[index]
+        .as_table_mut()
+        .unwrap();
+    lock["behaviour"]
+        .as_table_mut()
+        .unwrap()
+        .insert(key.into(), value);
+}
+
+pub fn set_faults(sim: &mut toml::Table, values: &[(&str, toml::Value)]) {
+    let faults = sim
+        .entry("faults")
+        .or_insert(toml::Value::Table(Default::default()));
+    for (k, v) in values {
+        faults
+            .as_table_mut()
+            .unwrap()
+            .insert(k.to_string(), v.clone());
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A private system bus with BlueZoo (a user-space BlueZ with virtual adapters that see each
+/// other): `hci0`, `hci1`, … Everything is stopped when this is dropped.
+pub struct Emulator {
+    _dir: tempfile::TempDir,
+    pub address: String,
+    _bluezoo: Proc,
+    _dbus: Proc,
+}
+
+impl Emulator {
+    pub fn start(adapters: usize) -> Emulator {
+        let bluezoo = std::env::var_os("LOCKBRIDGE_BLUEZOO")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/bluezoo"));
+        assert!(
+            bluezoo.exists(),
+            "BlueZoo not found at {}: run tests/run.sh (it installs bluezoo into .venv), or `pip install bluezoo` and set LOCKBRIDGE_BLUEZOO",
+            bluezoo.display()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("system_bus_socket");
+        let conf = dir.path().join("bus.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/><allow own="*"/>
+    <allow send_type="method_call"/><allow send_type="signal"/>
+    <allow send_type="method_return"/><allow send_type="error"/>
+    <allow receive_type="method_call"/><allow receive_type="signal"/>
+    <allow receive_type="method_return"/><allow receive_type="error"/>
+  </policy>
+</busconfig>
+"#,
+                socket.display()
+            ),
+        )
+        .unwrap();
+        let dbus = Command::new("dbus-daemon")
+            .args(["--nofork", "--config-file", conf.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "dbus-daemon: {e}; install it with `apt-get install dbus` (tests/run.sh does)"
+                )
+            });
+        let dbus = Proc(dbus);
+        wait_for(|| socket.exists(), "the private D-Bus socket");
+        let address = format!("unix:path={}", socket.display());
+        let log_path = dir.path().join("bluezoo.log");
+        let mut cmd = Command::new(&bluezoo);
+        cmd.args(["--auto-enable", "--scan-interval", "1"]);
+        for i in 0..adapters {
+            cmd.args(["-a", &format!("00:AA:00:00:00:{:02X}", i + 1)]);
+        }
+        let child = cmd
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &address)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap();
+        let bluezoo = Proc(child);
+        wait_for(
+            || {
+                std::fs::read_to_string(&log_path)
+                    .unwrap_or_default()
+                    .matches("Adding adapter")
+                    .count()
+                    >= adapters
+            },
+            "BlueZoo's adapters",
+        );
+        // Adapters are powered right after they are added.
+        std::thread::sleep(Duration::from_millis(300));
+        Emulator {
+            _dir: dir,
+            address,
+            _bluezoo: bluezoo,
+            _dbus: dbus,
+        }
+    }
+}
