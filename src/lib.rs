@@ -3,7 +3,7 @@
 //! # Architecture map
 //!
 //! ```text
-//!  control socket (cli) ─► supervisor ─► session (one task per lock) ─► driver ─► ptls::Client ─► link ─► lock
+//!  control socket (cli) ─► supervisor ─► session (one task per lock) ─► driver ─► ptls::Client ─► link (BlueZ | sim) ─► lock
 //!                            │ registry · ledger + idstore · slots
 //!  sim::model::Lock ⇄ ptls::Server (one per connection) ⇄ sim::serve ⇄ sim socket
 //! ```
@@ -15,8 +15,10 @@
 //! - [`fault`] — the seeded link fault model (loss, duplication, reordering, delay, BLE
 //!   connection events, cut after frame N) shared by the pair harness and the simulator.
 //! - [`sim`] — the lock simulator: [`sim::model::Lock`] behind one `ptls::Server` per
-//!   connection; [`sim::serve`] serves a world over the sim socket ([`sim::wire`]).
-//! - [`link`] — byte pipes to a lock: the [`link::Link`] trait and [`link::sim::SimLink`].
+//!   connection; [`sim::serve`] serves a world over the sim socket ([`sim::wire`]) and
+//!   [`sim::ble`] as BLE peripherals through BlueZ.
+//! - [`link`] — byte pipes to a lock: the [`link::Link`] trait, [`link::sim::SimLink`] and
+//!   [`link::ble::BleLink`] (BlueZ through `bluer`, opened by [`link::ble::BleConnector`]).
 //! - [`driver`] — runs one `ptls::Client` over one `Link` on the tokio clock.
 //! - [`session`] — the per-lock event loop: slots, connect, handshake, trusted time, state from
 //!   notifications, commands with their outcome rules, link policies, reconnect backoff.
