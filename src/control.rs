@@ -4,6 +4,7 @@
 //! ```text
 //! {"op":"locks"}                                        → [LockView, …]
 //! {"op":"state","lock":"front"}                         → LockView
+//! {"op":"watch"}                                        → a LockView line per change, until closed
 //! {"op":"command","lock":"front","action":"unlock",
 //!  "mode":"normal","id":"abc","ttl_s":30}               → Report lines until "step":"done"
 //! ```
@@ -24,6 +25,8 @@ use crate::supervisor::{Request as CommandRequest, Supervisor};
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     Locks,
+    /// Stream every lock's view as it changes.
+    Watch,
     State {
         lock: String,
     },
@@ -99,6 +102,23 @@ async fn handle(stream: UnixStream, supervisor: Arc<Supervisor>) -> std::io::Res
             Request::Locks => {
                 let all = supervisor.registry().all();
                 write_json(&mut wr, &all).await?;
+            }
+            Request::Watch => {
+                let mut events = supervisor.registry().subscribe();
+                loop {
+                    match events.recv().await {
+                        Ok(crate::registry::GatewayEvent::LockChanged { lock }) => {
+                            write_json(&mut wr, &lock).await?
+                        }
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            // A slow reader is told, not blocked on: state is current again
+                            // with the next change.
+                            write_json(&mut wr, &serde_json::json!({"lagged": n})).await?;
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+                    }
+                }
             }
             Request::State { lock } => match supervisor.registry().get(&lock) {
                 Some(v) => write_json(&mut wr, &v).await?,

@@ -88,6 +88,8 @@ enum Command {
 enum LocalCommand {
     /// Every lock and its state.
     Locks,
+    /// Print each lock's view whenever it changes, until Ctrl-C.
+    Watch,
     /// One lock's state.
     State {
         lock: String,
@@ -385,6 +387,24 @@ async fn local(
     use lockbridge::control::{ControlClient, Request};
     let mut client = ControlClient::connect(socket).await?;
     let (action, a) = match what {
+        LocalCommand::Watch => {
+            client.request(&Request::Watch).await?;
+            loop {
+                let v = client.line().await?;
+                if json {
+                    writeln!(out, "{v}")?;
+                } else {
+                    writeln!(
+                        out,
+                        "{:<16} {:<15} {}",
+                        v["id"].as_str().unwrap_or("?"),
+                        v["status"].as_str().unwrap_or("?"),
+                        v["state"].as_str().unwrap_or("unknown")
+                    )?;
+                }
+                out.flush()?;
+            }
+        }
         LocalCommand::Locks | LocalCommand::State { .. } => {
             let req = match what {
                 LocalCommand::State { lock } => Request::State { lock },
