@@ -31,6 +31,8 @@ pub struct Config {
     pub control: Control,
     #[serde(default)]
     pub liveness: Liveness,
+    #[serde(default)]
+    pub coap: Coap,
     /// Who may do what: one rule per origin and lock pattern.
     #[serde(default = "default_permissions")]
     pub permissions: Vec<Permission>,
@@ -191,6 +193,79 @@ pub struct Liveness {
 impl Default for Liveness {
     fn default() -> Self {
         Liveness { stall_after_s: 300 }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Coap {
+    /// UDP address for CoAP over DTLS, such as `0.0.0.0:5684`; empty = off.
+    pub listen: String,
+    pub handshake_timeout_s: u64,
+    /// A peer with no traffic for this long is dropped.
+    pub idle_timeout_s: u64,
+    pub max_peers: usize,
+    /// Handshakes in progress at once; more ClientHellos are dropped.
+    pub max_half_open: usize,
+    /// PSK clients; each identity is a command origin in `[[permissions]]`.
+    pub clients: Vec<CoapClient>,
+}
+
+impl Default for Coap {
+    fn default() -> Self {
+        Coap {
+            listen: String::new(),
+            handshake_timeout_s: 10,
+            idle_timeout_s: 300,
+            max_peers: 4096,
+            max_half_open: 256,
+            clients: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoapClient {
+    pub identity: String,
+    /// The key as hex. Prefer `psk_file` so the config holds no secret.
+    #[serde(default, skip_serializing)]
+    pub psk_hex: Option<String>,
+    /// A file holding the key as hex (mode 0600, relative to `gateway.state_dir`).
+    #[serde(default)]
+    pub psk_file: Option<PathBuf>,
+}
+
+impl CoapClient {
+    /// The key, from `psk_hex` or `psk_file` (refused unless mode 0600).
+    pub fn psk(&self, state_dir: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let text = match (&self.psk_hex, &self.psk_file) {
+            (Some(h), None) => zeroize::Zeroizing::new(h.clone()),
+            (None, Some(f)) => {
+                let path = state_dir.join(f);
+                let meta =
+                    std::fs::metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let mode = meta.permissions().mode() & 0o777;
+                if mode & 0o077 != 0 {
+                    return Err(format!(
+                        "{}: mode {mode:04o} lets group or others read the key; fix with `chmod 600 {}`",
+                        path.display(),
+                        path.display()
+                    ));
+                }
+                zeroize::Zeroizing::new(
+                    std::fs::read_to_string(&path)
+                        .map_err(|e| format!("{}: {e}", path.display()))?,
+                )
+            }
+            _ => return Err("give exactly one of psk_hex and psk_file".into()),
+        };
+        let key = hex::decode(text.trim()).map_err(|_| "the PSK is not hex".to_string())?;
+        if key.len() < 16 {
+            return Err("the PSK must be at least 16 bytes".into());
+        }
+        Ok(zeroize::Zeroizing::new(key))
     }
 }
 
@@ -389,6 +464,34 @@ impl Config {
                     "timers must be at least 1 s".into(),
                 ));
             }
+        }
+        if !self.coap.listen.is_empty() {
+            self.coap
+                .listen
+                .parse::<std::net::SocketAddr>()
+                .map_err(|_| {
+                    err(
+                        "coap.listen".into(),
+                        format!("{:?} is not HOST:PORT", self.coap.listen),
+                    )
+                })?;
+        }
+        let mut identities = BTreeSet::new();
+        for (i, c) in self.coap.clients.iter().enumerate() {
+            if c.identity.is_empty() || !identities.insert(c.identity.clone()) {
+                return Err(err(
+                    format!("coap.clients[{i}].identity"),
+                    "must be unique and not empty".into(),
+                ));
+            }
+            if c.identity == "cli" {
+                return Err(err(
+                    format!("coap.clients[{i}].identity"),
+                    "\"cli\" is the control socket's origin".into(),
+                ));
+            }
+            c.psk(&self.gateway.state_dir)
+                .map_err(|e| err(format!("coap.clients[{i}].psk"), e))?;
         }
         for (i, p) in self.permissions.iter().enumerate() {
             if p.origin.is_empty() {

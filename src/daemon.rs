@@ -80,6 +80,10 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
     let listener = control::bind(&config.control.socket)
         .with_context(|| format!("control socket {}", config.control.socket.display()))?;
     let mut tasks = vec![tokio::spawn(control::serve(listener, supervisor.clone()))];
+    let coap = crate::cloud::start(&config, supervisor.clone()).await?;
+    if let Some((_, task)) = coap {
+        tasks.push(task);
+    }
     tasks.push(tokio::spawn(liveness(supervisor.clone())));
     log::info!(
         "lockbridge {} up: gateway {}, {} locks, {} connection slots, control socket {}",

@@ -28,10 +28,14 @@
 //!   [`slots`] schedules connection slots; [`command`] is the command/outcome model.
 //! - [`config`] — the daemon's TOML + environment configuration; [`credentials`] — the
 //!   certificate and signed-time providers; [`keys`] — key files; [`authority`] — issuing.
+//! - [`cloud`] — CoAP over DTLS 1.2: [`cloud::dtls`] (own UDP demultiplexer around webrtc-dtls,
+//!   a task and deadline per handshake, caps, final-flight resend) and [`cloud::coap`] (the
+//!   resources, with the PSK identity as the command origin).
 //! - [`daemon`] — `lockbridge run`; [`control`] — the local control socket; [`systemd`] —
 //!   sd_notify and the watchdog; [`telemetry`] — logging; [`demo`] — `lockbridge demo`.
 
 pub mod authority;
+pub mod cloud;
 pub mod command;
 pub mod config;
 pub mod control;

@@ -21,6 +21,8 @@ command -v dbus-daemon >/dev/null || apt_packages+=(dbus)
 # BlueZoo's sd-bus binding needs libsystemd at run time.
 ldconfig -p 2>/dev/null | grep -q 'libsystemd\.so\.0' || apt_packages+=(libsystemd0)
 command -v kill >/dev/null || apt_packages+=(procps)
+# An independent CoAP/DTLS client for the cloud endpoint's tests.
+command -v coap-client-openssl >/dev/null || apt_packages+=(libcoap3-bin)
 if ((${#apt_packages[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "tests/run.sh: missing ${apt_packages[*]}; run as root or: apt-get install ${apt_packages[*]}" >&2

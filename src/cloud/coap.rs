@@ -1,0 +1,293 @@
+//! CoAP resources (design §6) for one authenticated DTLS peer.
+//!
+//! `GET /.well-known/core`, `GET /gateway`, `GET /locks`, `GET /locks/{id}`,
+//! `POST /locks/{id}/lock|unlock|pull` with an optional JSON body
+//! `{"mode": "...", "request_id": "..."}`. The client's PSK identity is the command origin, so
+//! `[[permissions]]` rules with `origin = IDENTITY` decide what it may do. A repeated CoAP
+//! message id is answered from a small cache; a command that takes longer than the ACK timeout
+//! gets an empty ACK at once and a separate response with the outcome.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use coap_lite::{
+    CoapRequest, CoapResponse, ContentFormat, MessageClass, MessageType, Packet, RequestType,
+    ResponseType,
+};
+use serde::Deserialize;
+use webrtc_dtls::conn::DTLSConn;
+
+use super::Endpoint;
+use super::dtls::NewPeer;
+use crate::command::{Action, Mode, Outcome, Step};
+use crate::supervisor::Request;
+
+/// Answer before the client's ACK timeout (2 s) would make it retransmit.
+const PIGGYBACK_LIMIT: Duration = Duration::from_millis(1500);
+const DEDUP_CACHE: usize = 32;
+
+/// Run one peer: handshake with a deadline, then serve requests until it goes idle or leaves.
+pub async fn serve_peer(peer: NewPeer, endpoint: Arc<Endpoint>) {
+    let identity = Arc::new(Mutex::new(None));
+    let config = endpoint.dtls_config(identity.clone());
+    let conn: Arc<dyn webrtc_util::Conn + Send + Sync> = peer.conn.clone();
+    let handshake = DTLSConn::new(conn, config, false, None);
+    let dtls = match tokio::time::timeout(endpoint.limits.handshake_timeout, handshake).await {
+        Ok(Ok(c)) => Arc::new(c),
+        Ok(Err(e)) => {
+            log::info!("coap: {}: handshake refused: {e}", peer.addr);
+            return;
+        }
+        Err(_) => {
+            log::info!(
+                "coap: {}: handshake not finished within {:?}; dropped",
+                peer.addr,
+                endpoint.limits.handshake_timeout
+            );
+            return;
+        }
+    };
+    peer.conn.freeze_flight();
+    peer.state.set_established();
+    let identity = identity
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .unwrap_or_default();
+    log::info!("coap: {} authenticated as {identity:?}", peer.addr);
+    let mut recent: VecDeque<(u16, Vec<u8>)> = VecDeque::new();
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let n = match dtls
+            .read(&mut buf, Some(endpoint.limits.idle_timeout))
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                log::debug!("coap: {} ({identity}): {e}; closing", peer.addr);
+                break;
+            }
+        };
+        let Ok(packet) = Packet::from_bytes(&buf[..n]) else {
+            continue; // not CoAP: ignored, as RFC 7252 asks for malformed messages
+        };
+        let mid = packet.header.message_id;
+        if packet.header.get_type() == MessageType::Confirmable {
+            if let Some((_, cached)) = recent.iter().find(|(m, _)| *m == mid) {
+                let _ = dtls.write(cached, None).await;
+                continue;
+            }
+        }
+        if !matches!(packet.header.code, MessageClass::Request(_)) {
+            continue; // ACKs and RSTs for our separate responses
+        }
+        let request = CoapRequest::from_packet(packet, peer.addr);
+        let Some(reply) = handle(&endpoint, &identity, request, dtls.clone()).await else {
+            continue;
+        };
+        let Ok(bytes) = reply.to_bytes() else {
+            continue;
+        };
+        let _ = dtls.write(&bytes, None).await;
+        recent.push_back((mid, bytes));
+        if recent.len() > DEDUP_CACHE {
+            recent.pop_front();
+        }
+    }
+    let _ = dtls.close().await;
+}
+
+fn json_response(
+    mut response: CoapResponse,
+    status: ResponseType,
+    body: &impl serde::Serialize,
+) -> Packet {
+    response.set_status(status);
+    response
+        .message
+        .set_content_format(ContentFormat::ApplicationJSON);
+    response.message.payload = serde_json::to_vec(body).unwrap_or_default();
+    response.message
+}
+
+fn error(response: CoapResponse, status: ResponseType, why: &str) -> Packet {
+    json_response(response, status, &serde_json::json!({ "error": why }))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CommandBody {
+    #[serde(default)]
+    mode: Option<Mode>,
+    #[serde(default)]
+    request_id: Option<String>,
+}
+
+/// The CoAP code for an outcome (design §6).
+fn status_for(outcome: &Outcome) -> ResponseType {
+    match outcome {
+        Outcome::Success { .. } => ResponseType::Changed,
+        Outcome::Denied { .. } => ResponseType::Forbidden,
+        Outcome::Expired => ResponseType::GatewayTimeout,
+        Outcome::Failed { reason } if reason == "unknown-lock" => ResponseType::NotFound,
+        Outcome::Failed { reason }
+            if matches!(
+                reason.as_str(),
+                "unreachable" | "not-registered" | "invalid-cert" | "shutting-down"
+            ) =>
+        {
+            ResponseType::ServiceUnavailable
+        }
+        Outcome::Failed { .. } => ResponseType::Conflict,
+        Outcome::Ambiguous { .. } => ResponseType::ServiceUnavailable,
+    }
+}
+
+async fn handle(
+    endpoint: &Endpoint,
+    identity: &str,
+    request: CoapRequest<std::net::SocketAddr>,
+    dtls: Arc<DTLSConn>,
+) -> Option<Packet> {
+    let response = request.response.clone()?;
+    let path = request.get_path();
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let method = *request.get_method();
+    let sup = &endpoint.supervisor;
+    let config = sup.config();
+    let may_read = |lock: &str| config.allows(identity, lock, Action::Read);
+    Some(match (method, segments.as_slice()) {
+        (RequestType::Get, [".well-known", "core"]) => {
+            let mut links = vec![
+                "</gateway>;rt=\"lockbridge.gateway\";ct=50".to_string(),
+                "</locks>;rt=\"lockbridge.locks\";ct=50".to_string(),
+            ];
+            for v in sup.registry().all().iter().filter(|v| may_read(&v.id)) {
+                links.push(format!("</locks/{}>;rt=\"lockbridge.lock\";ct=50", v.id));
+            }
+            let mut r = response;
+            r.message
+                .set_content_format(ContentFormat::ApplicationLinkFormat);
+            r.message.payload = links.join(",").into_bytes();
+            r.message
+        }
+        (RequestType::Get, ["gateway"]) => {
+            let all = sup.registry().all();
+            let body = serde_json::json!({
+                "id": config.gateway.id,
+                "version": env!("CARGO_PKG_VERSION"),
+                "uptime_s": endpoint.started.elapsed().as_secs(),
+                "locks": all.len(),
+                "sessions": all.iter().filter(|v| v.status == crate::registry::LinkStatus::Connected).count(),
+                "dtls_peers": endpoint.stats.peers.load(std::sync::atomic::Ordering::Relaxed),
+            });
+            json_response(response, ResponseType::Content, &body)
+        }
+        (RequestType::Get, ["locks"]) => {
+            let visible: Vec<_> = sup
+                .registry()
+                .all()
+                .into_iter()
+                .filter(|v| may_read(&v.id))
+                .collect();
+            json_response(response, ResponseType::Content, &visible)
+        }
+        (RequestType::Get, ["locks", id]) => match sup.registry().get(id) {
+            None => error(response, ResponseType::NotFound, "unknown lock"),
+            Some(_) if !may_read(id) => {
+                log::warn!("coap: {identity} may not read {id}: 4.03");
+                error(
+                    response,
+                    ResponseType::Forbidden,
+                    "not allowed to read this lock",
+                )
+            }
+            Some(v) => json_response(response, ResponseType::Content, &v),
+        },
+        (RequestType::Post, ["locks", id, action]) => {
+            let Ok(action) = action.parse::<Action>() else {
+                return Some(error(response, ResponseType::NotFound, "unknown action"));
+            };
+            if action == Action::Read {
+                return Some(error(
+                    response,
+                    ResponseType::MethodNotAllowed,
+                    "use GET to read",
+                ));
+            }
+            let body: CommandBody = if request.message.payload.is_empty() {
+                CommandBody::default()
+            } else {
+                match serde_json::from_slice(&request.message.payload) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        return Some(error(
+                            response,
+                            ResponseType::BadRequest,
+                            &format!("bad payload: {e}"),
+                        ));
+                    }
+                }
+            };
+            let mut rx = sup.submit(Request {
+                id: body.request_id,
+                lock: id.to_string(),
+                action,
+                mode: body.mode.unwrap_or_default(),
+                ttl: None,
+                origin: identity.to_string(),
+            });
+            let wait_outcome = async move {
+                while let Some(r) = rx.recv().await {
+                    if let Step::Done { outcome } = r.step {
+                        return Some((r.id, outcome));
+                    }
+                }
+                None
+            };
+            tokio::pin!(wait_outcome);
+            let finished = tokio::time::timeout(PIGGYBACK_LIMIT, &mut wait_outcome).await;
+            let outcome_packet = |response: CoapResponse, id: String, outcome: Outcome| {
+                if matches!(outcome, Outcome::Denied { .. }) {
+                    log::warn!("coap: {identity} denied: {outcome:?}");
+                }
+                let status = status_for(&outcome);
+                let mut body = serde_json::to_value(&outcome).unwrap_or_default();
+                body["id"] = serde_json::Value::String(id);
+                json_response(response, status, &body)
+            };
+            match finished {
+                Ok(Some((id, outcome))) => outcome_packet(response, id, outcome),
+                Ok(None) => error(response, ResponseType::InternalServerError, "no outcome"),
+                Err(_) => {
+                    // Separate response: an empty ACK now, the outcome when it comes.
+                    let mut ack = Packet::new();
+                    ack.header.set_version(1);
+                    ack.header.set_type(MessageType::Acknowledgement);
+                    ack.header.code = MessageClass::Empty;
+                    ack.header.message_id = request.message.header.message_id;
+                    if let Ok(bytes) = ack.to_bytes() {
+                        let _ = dtls.write(&bytes, None).await;
+                    }
+                    if let Some((id, outcome)) = wait_outcome.await {
+                        let mut separate = outcome_packet(response, id, outcome);
+                        separate.header.set_type(MessageType::NonConfirmable);
+                        separate.header.message_id =
+                            request.message.header.message_id.wrapping_add(0x8000);
+                        if let Ok(bytes) = separate.to_bytes() {
+                            let _ = dtls.write(&bytes, None).await;
+                        }
+                    }
+                    return None;
+                }
+            }
+        }
+        (_, ["locks", ..] | ["gateway"] | [".well-known", "core"]) => error(
+            response,
+            ResponseType::MethodNotAllowed,
+            "method not allowed",
+        ),
+        _ => error(response, ResponseType::NotFound, "no such resource"),
+    })
+}

@@ -1,0 +1,352 @@
+//! DTLS 1.2 over one UDP port, with webrtc-dtls for the state machine and lockbridge's own
+//! layer around it (design §6), because its `DTLSListener` has four faults that must not reach
+//! users:
+//!
+//! 1. it runs each handshake inline — here every handshake runs in its own task, so one silent
+//!    or spoofed ClientHello blocks nobody;
+//! 2. it never forgets a peer — here a fresh ClientHello from a known address replaces the old
+//!    peer, peers that end are removed, idle ones are evicted, and both half-open handshakes and
+//!    peers are capped;
+//! 3. it never resends its final flight — here each peer's [`PeerConn`] records the server's
+//!    last flight and resends it when the client repeats its own (RFC 6347 §4.2.4);
+//! 4. it has no handshake deadline — here a handshake that does not finish in time is dropped.
+//!
+//! Only a datagram that looks like a ClientHello creates state; anything else from an unknown
+//! address is dropped without an answer.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+/// DTLS record content types.
+const CT_CHANGE_CIPHER_SPEC: u8 = 20;
+const CT_HANDSHAKE: u8 = 22;
+const HS_CLIENT_HELLO: u8 = 1;
+const RECORD_HEADER: usize = 13;
+
+/// Limits of the endpoint.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_peers: usize,
+    pub max_half_open: usize,
+    /// Datagrams queued per peer before more are dropped.
+    pub inbox: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_peers: 4096,
+            max_half_open: 256,
+            inbox: 32,
+        }
+    }
+}
+
+/// The first record of a datagram is a ClientHello in epoch 0.
+pub fn is_client_hello(datagram: &[u8]) -> bool {
+    datagram.len() > RECORD_HEADER
+        && datagram[0] == CT_HANDSHAKE
+        && datagram[3] == 0
+        && datagram[4] == 0
+        && datagram[RECORD_HEADER] == HS_CLIENT_HELLO
+}
+
+/// A datagram that belongs to the handshake: the client repeating a flight.
+fn is_handshake_flight(datagram: &[u8]) -> bool {
+    datagram
+        .first()
+        .is_some_and(|ct| *ct == CT_HANDSHAKE || *ct == CT_CHANGE_CIPHER_SPEC)
+}
+
+const HANDSHAKING: u8 = 0;
+const ESTABLISHED: u8 = 1;
+const CLOSED: u8 = 2;
+
+/// A peer's state, shared between the demultiplexer and the peer's task.
+#[derive(Default)]
+pub struct PeerState(AtomicU8);
+
+impl PeerState {
+    pub fn set_established(&self) {
+        self.0.store(ESTABLISHED, Ordering::SeqCst);
+    }
+    fn get(&self) -> u8 {
+        self.0.load(Ordering::SeqCst)
+    }
+    fn set_closed(&self) {
+        self.0.store(CLOSED, Ordering::SeqCst);
+    }
+}
+
+/// The server's flights as they go out: datagrams sent since the last one received.
+#[derive(Default)]
+struct Flights {
+    last: Vec<Vec<u8>>,
+    received_since_send: bool,
+    /// After the handshake the final flight is kept as it was.
+    frozen: bool,
+}
+
+/// One peer's view of the shared UDP socket: what webrtc-dtls reads and writes.
+pub struct PeerConn {
+    socket: Arc<UdpSocket>,
+    local: SocketAddr,
+    peer: SocketAddr,
+    inbox: tokio::sync::Mutex<mpsc::Receiver<Vec<u8>>>,
+    flights: Mutex<Flights>,
+}
+
+impl PeerConn {
+    /// Keep the final flight for resending; called when the handshake has finished.
+    pub fn freeze_flight(&self) {
+        self.flights
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .frozen = true;
+    }
+
+    fn note_received(&self, datagram: &[u8]) -> Option<Vec<Vec<u8>>> {
+        let mut f = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        if f.frozen {
+            // The client repeats its last flight: our final flight was lost. Resend it.
+            return is_handshake_flight(datagram).then(|| f.last.clone());
+        }
+        f.received_since_send = true;
+        None
+    }
+
+    fn note_sent(&self, datagram: &[u8]) {
+        let mut f = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        if f.frozen {
+            return;
+        }
+        if f.received_since_send {
+            f.last.clear();
+            f.received_since_send = false;
+        }
+        f.last.push(datagram.to_vec());
+    }
+}
+
+#[async_trait::async_trait]
+impl webrtc_util::Conn for PeerConn {
+    async fn connect(&self, _addr: SocketAddr) -> webrtc_util::Result<()> {
+        Err(webrtc_util::Error::Other(
+            "a peer connection is already bound".into(),
+        ))
+    }
+
+    async fn recv(&self, buf: &mut [u8]) -> webrtc_util::Result<usize> {
+        loop {
+            let datagram = self
+                .inbox
+                .lock()
+                .await
+                .recv()
+                .await
+                .ok_or(webrtc_util::Error::ErrClosedListener)?;
+            if let Some(flight) = self.note_received(&datagram) {
+                for d in &flight {
+                    let _ = self.socket.send_to(d, self.peer).await;
+                }
+                continue; // the repeat itself is stale: nothing for the state machine
+            }
+            let n = datagram.len().min(buf.len());
+            buf[..n].copy_from_slice(&datagram[..n]);
+            return Ok(n);
+        }
+    }
+
+    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
+        Ok((self.recv(buf).await?, self.peer))
+    }
+
+    async fn send(&self, buf: &[u8]) -> webrtc_util::Result<usize> {
+        self.note_sent(buf);
+        Ok(self.socket.send_to(buf, self.peer).await?)
+    }
+
+    async fn send_to(&self, buf: &[u8], _target: SocketAddr) -> webrtc_util::Result<usize> {
+        self.send(buf).await
+    }
+
+    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
+        Ok(self.local)
+    }
+
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        Some(self.peer)
+    }
+
+    async fn close(&self) -> webrtc_util::Result<()> {
+        Ok(())
+    }
+
+    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
+        self
+    }
+}
+
+/// What the demultiplexer gives a new peer's task.
+pub struct NewPeer {
+    pub conn: Arc<PeerConn>,
+    pub state: Arc<PeerState>,
+    pub addr: SocketAddr,
+}
+
+struct Entry {
+    tx: mpsc::Sender<Vec<u8>>,
+    state: Arc<PeerState>,
+    generation: u64,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Counters for metrics and benchmarks.
+#[derive(Default, Debug)]
+pub struct Stats {
+    pub dropped_unknown: std::sync::atomic::AtomicU64,
+    pub dropped_half_open_cap: std::sync::atomic::AtomicU64,
+    pub dropped_peer_cap: std::sync::atomic::AtomicU64,
+    pub replaced: std::sync::atomic::AtomicU64,
+    pub peers: std::sync::atomic::AtomicU64,
+}
+
+/// Receive on `socket` forever, creating a task per peer with `spawn_peer`.
+pub async fn demultiplex<F, Fut>(
+    socket: Arc<UdpSocket>,
+    limits: Limits,
+    stats: Arc<Stats>,
+    spawn_peer: F,
+) where
+    F: Fn(NewPeer) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let local = match socket.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            log::error!("coap: {e}");
+            return;
+        }
+    };
+    let mut peers: HashMap<SocketAddr, Entry> = HashMap::new();
+    let (ended_tx, mut ended) = mpsc::unbounded_channel::<(SocketAddr, u64)>();
+    let mut generation = 0u64;
+    let mut buf = vec![0u8; 2048];
+    let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let (n, addr) = tokio::select! {
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    log::debug!("coap: recv: {e}");
+                    continue;
+                }
+            },
+            Some((addr, g)) = ended.recv() => {
+                if peers.get(&addr).is_some_and(|e| e.generation == g) {
+                    peers.remove(&addr);
+                }
+                stats.peers.store(peers.len() as u64, Ordering::Relaxed);
+                continue;
+            }
+            _ = sweep.tick() => {
+                peers.retain(|_, e| e.state.get() != CLOSED && !e.task.is_finished());
+                stats.peers.store(peers.len() as u64, Ordering::Relaxed);
+                continue;
+            }
+        };
+        let datagram = &buf[..n];
+        let hello = is_client_hello(datagram);
+        if let Some(e) = peers.get(&addr) {
+            let replace = hello && e.state.get() == ESTABLISHED;
+            if !replace && e.state.get() != CLOSED {
+                // A full inbox drops the datagram: DTLS retransmits what matters.
+                let _ = e.tx.try_send(datagram.to_vec());
+                continue;
+            }
+            // A fresh ClientHello from an address with a finished session: the client
+            // reconnected from the same port. The new handshake replaces the old peer.
+            if let Some(old) = peers.remove(&addr) {
+                old.task.abort();
+                stats.replaced.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if !hello {
+            stats.dropped_unknown.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let half_open = peers
+            .values()
+            .filter(|e| e.state.get() == HANDSHAKING)
+            .count();
+        if half_open >= limits.max_half_open {
+            stats.dropped_half_open_cap.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        if peers.len() >= limits.max_peers {
+            stats.dropped_peer_cap.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        generation += 1;
+        let (tx, rx) = mpsc::channel(limits.inbox);
+        let _ = tx.try_send(datagram.to_vec());
+        let state = Arc::new(PeerState::default());
+        let conn = Arc::new(PeerConn {
+            socket: socket.clone(),
+            local,
+            peer: addr,
+            inbox: tokio::sync::Mutex::new(rx),
+            flights: Mutex::new(Flights::default()),
+        });
+        let fut = spawn_peer(NewPeer {
+            conn,
+            state: state.clone(),
+            addr,
+        });
+        let ended_tx = ended_tx.clone();
+        let g = generation;
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            fut.await;
+            st.set_closed();
+            let _ = ended_tx.send((addr, g));
+        });
+        peers.insert(
+            addr,
+            Entry {
+                tx,
+                state,
+                generation: g,
+                task,
+            },
+        );
+        stats.peers.store(peers.len() as u64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_hello_is_recognised_only_in_epoch_0() {
+        let mut d = vec![22, 0xFE, 0xFD, 0, 0, 0, 0, 0, 0, 0, 0, 0, 10, 1, 0, 0];
+        assert!(is_client_hello(&d));
+        d[4] = 1; // epoch 1
+        assert!(!is_client_hello(&d));
+        d[4] = 0;
+        d[13] = 2; // ServerHello
+        assert!(!is_client_hello(&d));
+        assert!(!is_client_hello(&[23, 0xFE, 0xFD]));
+    }
+}

@@ -1,0 +1,116 @@
+//! The cloud endpoint (design §6): CoAP (RFC 7252) over DTLS 1.2 on one UDP port.
+//!
+//! [`dtls`] is the hardened layer around webrtc-dtls (own demultiplexer, a task and a deadline
+//! per handshake, caps, eviction, final-flight resend); [`coap`] serves the resources to each
+//! authenticated peer, with the client's identity as the command origin for permissions.
+
+pub mod coap;
+pub mod dtls;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::UdpSocket;
+use webrtc_dtls::cipher_suite::CipherSuiteId;
+use webrtc_dtls::config::{Config as DtlsConfig, ExtendedMasterSecretType};
+use zeroize::Zeroizing;
+
+use crate::config::Config;
+use crate::supervisor::Supervisor;
+
+/// PSKs by identity, held zeroized.
+pub struct Psks(HashMap<String, Zeroizing<Vec<u8>>>);
+
+impl Psks {
+    pub fn from_config(config: &Config) -> anyhow::Result<Psks> {
+        let mut map = HashMap::new();
+        for (i, c) in config.coap.clients.iter().enumerate() {
+            let key = c
+                .psk(&config.gateway.state_dir)
+                .map_err(|e| anyhow::anyhow!("coap.clients[{i}] ({}): {e}", c.identity))?;
+            map.insert(c.identity.clone(), key);
+        }
+        Ok(Psks(map))
+    }
+
+    fn get(&self, identity: &[u8]) -> Option<Vec<u8>> {
+        let id = std::str::from_utf8(identity).ok()?;
+        self.0.get(id).map(|k| k.to_vec())
+    }
+}
+
+/// Everything a peer task needs.
+pub struct Endpoint {
+    pub supervisor: Arc<Supervisor>,
+    pub psks: Arc<Psks>,
+    pub limits: dtls::Limits,
+    pub stats: Arc<dtls::Stats>,
+    pub started: std::time::Instant,
+}
+
+impl Endpoint {
+    /// A DTLS server configuration for one handshake; the client's PSK identity is written
+    /// into `identity` when the client names it.
+    pub fn dtls_config(&self, identity: Arc<Mutex<Option<String>>>) -> DtlsConfig {
+        let psks = self.psks.clone();
+        DtlsConfig {
+            psk: Some(Arc::new(move |id: &[u8]| {
+                let key = psks.get(id).ok_or_else(|| {
+                    webrtc_dtls::Error::Other(format!(
+                        "unknown PSK identity {:?}",
+                        String::from_utf8_lossy(id)
+                    ))
+                })?;
+                *identity.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(String::from_utf8_lossy(id).into_owned());
+                Ok(key)
+            })),
+            psk_identity_hint: Some(b"lockbridge".to_vec()),
+            cipher_suites: vec![
+                CipherSuiteId::Tls_Psk_With_Aes_128_Gcm_Sha256,
+                CipherSuiteId::Tls_Psk_With_Aes_128_Ccm_8,
+                CipherSuiteId::Tls_Psk_With_Aes_128_Ccm,
+            ],
+            extended_master_secret: ExtendedMasterSecretType::Require,
+            ..Default::default()
+        }
+    }
+}
+
+/// Bind the UDP port and serve until the task is aborted. Returns the bound address.
+pub async fn start(
+    config: &Config,
+    supervisor: Arc<Supervisor>,
+) -> anyhow::Result<Option<(std::net::SocketAddr, tokio::task::JoinHandle<()>)>> {
+    if config.coap.listen.is_empty() {
+        return Ok(None);
+    }
+    let psks = Arc::new(Psks::from_config(config)?);
+    let socket = UdpSocket::bind(&config.coap.listen)
+        .await
+        .with_context(|| format!("coap.listen {}", config.coap.listen))?;
+    let addr = socket.local_addr()?;
+    let endpoint = Arc::new(Endpoint {
+        supervisor,
+        psks,
+        limits: dtls::Limits {
+            handshake_timeout: Duration::from_secs(config.coap.handshake_timeout_s),
+            idle_timeout: Duration::from_secs(config.coap.idle_timeout_s),
+            max_peers: config.coap.max_peers,
+            max_half_open: config.coap.max_half_open,
+            ..dtls::Limits::default()
+        },
+        stats: Arc::new(dtls::Stats::default()),
+        started: std::time::Instant::now(),
+    });
+    let socket = Arc::new(socket);
+    let limits = endpoint.limits.clone();
+    let stats = endpoint.stats.clone();
+    let task = tokio::spawn(dtls::demultiplex(socket, limits, stats, move |peer| {
+        coap::serve_peer(peer, endpoint.clone())
+    }));
+    log::info!("coap: CoAP over DTLS on udp {addr}");
+    Ok(Some((addr, task)))
+}

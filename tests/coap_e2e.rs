@@ -1,0 +1,212 @@
+//! CoAP over DTLS end to end with an independent client (libcoap's `coap-client-openssl`)
+//! against the real daemon and simulator: resources, commands, PSK refusals, access control,
+//! and regression tests for the webrtc-dtls listener faults lockbridge's own layer fixes.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod common;
+
+use std::net::UdpSocket;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use common::World;
+
+const PSK: &str = "lockbridge-test-psk-0001";
+const READER_PSK: &str = "lockbridge-reader-psk-01";
+
+struct Coap {
+    world: World,
+    port: u16,
+}
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A one-lock world with CoAP on loopback: `full` may do everything, `reader` may only read.
+fn coap_world(extra: &str) -> (Coap, common::Proc, common::Proc) {
+    let world = World::new(1, |_| {});
+    let port = free_udp_port();
+    world.edit_daemon_config(|t| {
+        format!(
+            "{t}\n[coap]\nlisten = \"127.0.0.1:{port}\"\n{extra}\n\
+             [[coap.clients]]\nidentity = \"full\"\npsk_hex = \"{}\"\n\
+             [[coap.clients]]\nidentity = \"reader\"\npsk_hex = \"{}\"\n\
+             [[permissions]]\norigin = \"cli\"\nactions = [\"read\", \"lock\", \"unlock\", \"pull\"]\n\
+             [[permissions]]\norigin = \"full\"\nactions = [\"read\", \"lock\", \"unlock\", \"pull\"]\n\
+             [[permissions]]\norigin = \"reader\"\nactions = [\"read\"]\n",
+            hex(PSK),
+            hex(READER_PSK)
+        )
+    });
+    let sim = world.sim();
+    let daemon = world.daemon();
+    (Coap { world, port }, sim, daemon)
+}
+
+impl Coap {
+    /// Run coap-client-openssl; returns (stdout, stderr).
+    fn client(&self, args: &[&str], path: &str) -> (String, String) {
+        let out = Command::new("coap-client-openssl")
+            .args(["-B", "8"])
+            .args(args)
+            .arg(format!("coaps://127.0.0.1:{}{path}", self.port))
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("coap-client-openssl: {e}; install libcoap3-bin (tests/run.sh does)")
+            });
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn get_json(&self, identity: &str, key: &str, path: &str) -> Value {
+        let (out, err) = self.client(&["-m", "get", "-u", identity, "-k", key], path);
+        serde_json::from_str(out.trim())
+            .unwrap_or_else(|e| panic!("GET {path}: {e}: stdout {out:?} stderr {err:?}"))
+    }
+}
+
+/// A datagram that looks like a ClientHello and is never followed up.
+fn silent_client_hello(to: u16) -> UdpSocket {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut d = vec![22, 0xFE, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let body = [1u8, 0, 0, 40, 0, 0, 0, 0, 0, 0, 0, 0, 40];
+    d[11] = 0;
+    d[12] = (body.len() + 40) as u8;
+    d.extend_from_slice(&body);
+    d.extend_from_slice(&[0u8; 40]);
+    s.send_to(&d, ("127.0.0.1", to)).unwrap();
+    s
+}
+
+#[test]
+fn resources_and_commands_work_for_an_independent_client() {
+    let (c, _sim, _daemon) = coap_world("");
+    let locks = c.get_json("full", PSK, "/locks");
+    assert_eq!(locks[0]["id"], "lock-1");
+    assert_eq!(locks[0]["state"], "locked");
+    let one = c.get_json("full", PSK, "/locks/lock-1");
+    assert_eq!(one["serial"], "10000000-000001");
+    let gw = c.get_json("full", PSK, "/gateway");
+    assert_eq!(gw["locks"], 1);
+    let (core, _) = c.client(&["-m", "get", "-u", "full", "-k", PSK], "/.well-known/core");
+    assert!(core.contains("</locks/lock-1>"), "{core}");
+    let t = Instant::now();
+    let (out, err) = c.client(
+        &[
+            "-m",
+            "post",
+            "-u",
+            "full",
+            "-k",
+            PSK,
+            "-t",
+            "50",
+            "-e",
+            r#"{"request_id":"coap-1"}"#,
+        ],
+        "/locks/lock-1/unlock",
+    );
+    let outcome: Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out:?} {err:?}"));
+    assert_eq!(outcome["status"], "success", "{outcome}");
+    assert_eq!(outcome["id"], "coap-1");
+    assert_eq!(outcome["state"]["state"], "unlocked");
+    assert!(t.elapsed() < Duration::from_secs(8));
+    // The same request id again: the first outcome, no second actuation.
+    let (again, _) = c.client(
+        &[
+            "-m",
+            "post",
+            "-u",
+            "full",
+            "-k",
+            PSK,
+            "-t",
+            "50",
+            "-e",
+            r#"{"request_id":"coap-1"}"#,
+        ],
+        "/locks/lock-1/unlock",
+    );
+    assert!(again.contains("\"success\""), "{again}");
+    assert_eq!(c.world.actuations().len(), 1);
+}
+
+#[test]
+fn wrong_key_and_unknown_identity_are_refused_and_acl_denies_with_4_03() {
+    let (c, _sim, _daemon) = coap_world("");
+    let (out, _) = c.client(
+        &["-m", "get", "-u", "full", "-k", "not-the-right-key-0000"],
+        "/locks",
+    );
+    assert!(!out.contains("lock-1"), "wrong PSK answered: {out}");
+    let (out, _) = c.client(&["-m", "get", "-u", "stranger", "-k", PSK], "/locks");
+    assert!(!out.contains("lock-1"), "unknown identity answered: {out}");
+    // The reader may read but not unlock.
+    let locks = c.get_json("reader", READER_PSK, "/locks");
+    assert_eq!(locks[0]["id"], "lock-1");
+    let (out, err) = c.client(
+        &["-m", "post", "-u", "reader", "-k", READER_PSK],
+        "/locks/lock-1/unlock",
+    );
+    // libcoap prints an error response's code and payload on stderr.
+    let both = format!("{out}{err}");
+    assert!(
+        both.contains("4.03") && both.contains("\"denied\""),
+        "{both}"
+    );
+    assert!(c.world.actuations().is_empty());
+}
+
+#[test]
+fn a_silent_client_hello_does_not_delay_a_real_client() {
+    // Fault 1 of the plain listener: a ClientHello that is never continued blocked everyone.
+    let (c, _sim, _daemon) = coap_world("");
+    let _spoofers: Vec<UdpSocket> = (0..20).map(|_| silent_client_hello(c.port)).collect();
+    let t = Instant::now();
+    let locks = c.get_json("full", PSK, "/locks");
+    assert_eq!(locks[0]["id"], "lock-1");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "real client took {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn a_handshake_that_never_finishes_is_dropped_at_its_deadline() {
+    // Fault 4: no handshake deadline. Here half-open peers go away after handshake_timeout_s.
+    let (c, _sim, _daemon) = coap_world("handshake_timeout_s = 1");
+    let _spoofers: Vec<UdpSocket> = (0..5).map(|_| silent_client_hello(c.port)).collect();
+    std::thread::sleep(Duration::from_millis(2500));
+    let gw = c.get_json("full", PSK, "/gateway");
+    assert_eq!(gw["dtls_peers"], 1, "only the asking client is left: {gw}");
+}
+
+#[test]
+fn a_client_reconnecting_from_the_same_port_handshakes_again() {
+    // Fault 2: a peer was never forgotten, so the same address and port could not handshake.
+    let (c, _sim, _daemon) = coap_world("");
+    let port = free_udp_port().to_string();
+    for round in 0..3 {
+        let (out, err) = c.client(
+            &["-p", &port, "-m", "get", "-u", "full", "-k", PSK],
+            "/locks",
+        );
+        assert!(out.contains("lock-1"), "round {round}: {out} {err}");
+    }
+}
