@@ -41,6 +41,36 @@ pub struct Summary {
     pub daemon_config: PathBuf,
     pub sim_endpoint: String,
     pub control_socket: PathBuf,
+    pub coap: CoapSummary,
+}
+
+/// A CoAP/DTLS client allowed every action on every lock.
+#[derive(Debug, Serialize)]
+pub struct CoapSummary {
+    pub endpoint: String,
+    pub identity: String,
+    pub psk_hex: String,
+    /// The same key as text: the demo's key is printable ASCII so `coap-client -k` takes it.
+    #[serde(skip)]
+    pub psk_text: String,
+}
+
+/// A random key of printable ASCII letters and digits.
+fn printable_psk() -> String {
+    use rand_core::RngCore;
+    const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
+    let mut bytes = [0u8; 24];
+    rand_core::OsRng.fill_bytes(&mut bytes);
+    bytes
+        .iter()
+        .map(|b| char::from(ALPHABET[usize::from(*b) % ALPHABET.len()]))
+        .collect()
+}
+
+fn free_udp_port() -> anyhow::Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Write the world: `sim init` plus the gateway key, the daemon config and the BLE timing.
@@ -82,6 +112,27 @@ pub fn setup(dir: &Path, locks: usize, connection_interval_ms: u64) -> anyhow::R
             key = l.public_key,
         ));
     }
+    let psk_text = printable_psk();
+    let psk_hex = hex::encode(psk_text.as_bytes());
+    let psk_file = state_dir.join("psk").join("demo.hex");
+    std::fs::create_dir_all(psk_file.parent().unwrap_or(&state_dir))?;
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&psk_file)
+            .with_context(|| psk_file.display().to_string())?;
+        f.write_all(psk_hex.as_bytes())?;
+    }
+    let coap_endpoint = format!("127.0.0.1:{}", free_udp_port()?);
+    toml.push_str(&format!(
+        "\n[coap]\nlisten = \"{coap_endpoint}\"\n\n[[coap.clients]]\nidentity = \"demo\"\npsk_file = \"psk/demo.hex\"\n\n\
+         [[permissions]]\norigin = \"cli\"\nactions = [\"read\", \"lock\", \"unlock\", \"pull\"]\n\n\
+         [[permissions]]\norigin = \"demo\"\nactions = [\"read\", \"lock\", \"unlock\", \"pull\"]\n"
+    ));
     let daemon_config = dir.join("lockbridge.toml");
     std::fs::write(&daemon_config, toml).with_context(|| daemon_config.display().to_string())?;
     Ok(Summary {
@@ -89,6 +140,12 @@ pub fn setup(dir: &Path, locks: usize, connection_interval_ms: u64) -> anyhow::R
         daemon_config,
         sim_endpoint,
         control_socket,
+        coap: CoapSummary {
+            endpoint: coap_endpoint,
+            identity: "demo".into(),
+            psk_hex,
+            psk_text,
+        },
     })
 }
 

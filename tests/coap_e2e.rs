@@ -39,6 +39,8 @@ fn coap_world(extra: &str) -> (Coap, common::Proc, common::Proc) {
     let world = World::new(1, |_| {});
     let port = free_udp_port();
     world.edit_daemon_config(|t| {
+        // Replace the demo's CoAP section and permissions with this test's.
+        let t = t.split("\n[coap]").next().unwrap_or_default().to_string();
         format!(
             "{t}\n[coap]\nlisten = \"127.0.0.1:{port}\"\n{extra}\n\
              [[coap.clients]]\nidentity = \"full\"\npsk_hex = \"{}\"\n\
@@ -209,4 +211,40 @@ fn a_client_reconnecting_from_the_same_port_handshakes_again() {
         );
         assert!(out.contains("lock-1"), "round {round}: {out} {err}");
     }
+}
+
+#[test]
+fn the_demo_world_s_coap_client_works_as_printed() {
+    let world = World::new(1, |_| {});
+    let coap = world.summary["coap"].clone();
+    let endpoint = coap["endpoint"].as_str().unwrap().to_string();
+    let identity = coap["identity"].as_str().unwrap().to_string();
+    let key_bytes: Vec<u8> = (0..coap["psk_hex"].as_str().unwrap().len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&coap["psk_hex"].as_str().unwrap()[i..i + 2], 16).unwrap())
+        .collect();
+    let key = String::from_utf8(key_bytes).expect("the demo's key is printable ASCII");
+    assert!(key.chars().all(|c| c.is_ascii_alphanumeric()), "{key}");
+    let _sim = world.sim();
+    let _daemon = world.daemon();
+    let out = Command::new("coap-client-openssl")
+        .args([
+            "-B",
+            "8",
+            "-m",
+            "get",
+            "-u",
+            &identity,
+            "-k",
+            &key,
+            &format!("coaps://{endpoint}/locks"),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("\"lock-1\""),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

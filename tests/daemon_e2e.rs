@@ -272,7 +272,12 @@ async fn a_command_whose_deadline_passed_while_the_lock_was_unreachable_is_never
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permissions_deny_per_origin_and_action() {
     let w = World::new(1, |_| {});
-    w.edit_daemon_config(|t| format!("{t}\n[[permissions]]\norigin = \"cli\"\nlocks = \"lock-*\"\nactions = [\"read\", \"lock\"]\n"));
+    // Narrow the demo's rule for the control socket to reading and locking.
+    w.edit_daemon_config(|t| {
+        let full = "[[permissions]]\norigin = \"cli\"\nactions = [\"read\", \"lock\", \"unlock\", \"pull\"]";
+        assert!(t.contains(full), "{t}");
+        t.replace(full, "[[permissions]]\norigin = \"cli\"\nlocks = \"lock-*\"\nactions = [\"read\", \"lock\"]")
+    });
     let _sim = w.sim();
     let _daemon = w.daemon();
     let reports = w.command("lock-1", Action::Unlock, None, Some(10)).await;
