@@ -216,8 +216,13 @@ pub async fn run(
     let sup = daemon.supervisor.clone();
     writeln!(
         out,
-        "  daemon up; control socket {}\n",
+        "  daemon up; control socket {}",
         summary.control_socket.display()
+    )?;
+    writeln!(
+        out,
+        "  CoAP over DTLS on udp {} (PSK identity {:?})\n",
+        summary.coap.endpoint, summary.coap.identity
     )?;
     let mut events = sup.registry().subscribe();
     let started = Instant::now();
@@ -339,6 +344,13 @@ pub async fn run(
         "  lockbridge local --socket {} unlock lock-2 --id my-first-command",
         summary.control_socket.display()
     )?;
+    for (method, path) in [("get", "/locks"), ("post", "/locks/lock-1/unlock")] {
+        writeln!(
+            out,
+            "  coap-client-openssl -m {method} -u {} -k {} coaps://{}{path}",
+            summary.coap.identity, summary.coap.psk_text, summary.coap.endpoint
+        )?;
+    }
     if !opts.once {
         writeln!(out, "\nrunning; state changes follow. Ctrl-C to stop.")?;
         out.flush()?;

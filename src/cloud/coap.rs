@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use coap_lite::{
-    CoapRequest, CoapResponse, ContentFormat, MessageClass, MessageType, Packet, RequestType,
-    ResponseType,
+    BlockHandler, BlockHandlerConfig, CoapRequest, CoapResponse, ContentFormat, MessageClass,
+    MessageType, Packet, RequestType, ResponseType,
 };
 use serde::Deserialize;
 use webrtc_dtls::conn::DTLSConn;
@@ -57,6 +57,9 @@ pub async fn serve_peer(peer: NewPeer, endpoint: Arc<Endpoint>) {
         .unwrap_or_default();
     log::info!("coap: {} authenticated as {identity:?}", peer.addr);
     let mut recent: VecDeque<(u16, Vec<u8>)> = VecDeque::new();
+    // Responses larger than one block (a lock list) go out block-wise (RFC 7959).
+    let mut blocks: BlockHandler<std::net::SocketAddr> =
+        BlockHandler::new(BlockHandlerConfig::default());
     let mut buf = vec![0u8; 2048];
     loop {
         let n = match dtls
@@ -82,11 +85,19 @@ pub async fn serve_peer(peer: NewPeer, endpoint: Arc<Endpoint>) {
         if !matches!(packet.header.code, MessageClass::Request(_)) {
             continue; // ACKs and RSTs for our separate responses
         }
-        let request = CoapRequest::from_packet(packet, peer.addr);
-        let Some(reply) = handle(&endpoint, &identity, request, dtls.clone()).await else {
-            continue;
-        };
-        let Ok(bytes) = reply.to_bytes() else {
+        let mut request = CoapRequest::from_packet(packet, peer.addr);
+        let from_cache = blocks.intercept_request(&mut request).unwrap_or(false);
+        if !from_cache {
+            let Some(reply) = handle(&endpoint, &identity, request.clone(), dtls.clone()).await
+            else {
+                continue;
+            };
+            if let Some(r) = request.response.as_mut() {
+                r.message = reply;
+            }
+            let _ = blocks.intercept_response(&mut request);
+        }
+        let Some(Ok(bytes)) = request.response.as_ref().map(|r| r.message.to_bytes()) else {
             continue;
         };
         let _ = dtls.write(&bytes, None).await;
