@@ -249,3 +249,43 @@ fn the_demo_world_s_coap_client_works_as_printed() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observe_pushes_every_state_change_of_a_lock() {
+    let (c, _sim, _daemon) = coap_world("");
+    c.world
+        .wait_status("lock-1", "connected", Duration::from_secs(10))
+        .await;
+    let port = c.port;
+    let observer = std::thread::spawn(move || {
+        Command::new("coap-client-openssl")
+            .args(["-s", "5", "-B", "8", "-m", "get", "-u", "full", "-k", PSK])
+            .arg(format!("coaps://127.0.0.1:{port}/locks/lock-1"))
+            .output()
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let reports = c
+        .world
+        .command(
+            "lock-1",
+            lockbridge::command::Action::Unlock,
+            None,
+            Some(30),
+        )
+        .await;
+    assert!(matches!(
+        common::outcome(&reports),
+        lockbridge::command::Outcome::Success { .. }
+    ));
+    let out = observer.join().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut states: Vec<&str> = Vec::new();
+    for part in text.split("\"state\":\"").skip(1) {
+        let s = part.split('"').next().unwrap_or("");
+        if states.last() != Some(&s) {
+            states.push(s);
+        }
+    }
+    assert_eq!(states, vec!["locked", "unlocking", "unlocked"], "{text}");
+}

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use coap_lite::{
     BlockHandler, BlockHandlerConfig, CoapRequest, CoapResponse, ContentFormat, MessageClass,
-    MessageType, Packet, RequestType, ResponseType,
+    MessageType, ObserveOption, Packet, RequestType, ResponseType,
 };
 use serde::Deserialize;
 use webrtc_dtls::conn::DTLSConn;
@@ -21,6 +21,7 @@ use webrtc_dtls::conn::DTLSConn;
 use super::Endpoint;
 use super::dtls::NewPeer;
 use crate::command::{Action, Mode, Outcome, Step};
+use crate::registry::GatewayEvent;
 use crate::supervisor::Request;
 
 /// Answer before the client's ACK timeout (2 s) would make it retransmit.
@@ -57,6 +58,9 @@ pub async fn serve_peer(peer: NewPeer, endpoint: Arc<Endpoint>) {
         .unwrap_or_default();
     log::info!("coap: {} authenticated as {identity:?}", peer.addr);
     let mut recent: VecDeque<(u16, Vec<u8>)> = VecDeque::new();
+    // Observations (RFC 7641) by token, ended when the peer leaves.
+    let mut observers: std::collections::HashMap<Vec<u8>, tokio::task::JoinHandle<()>> =
+        std::collections::HashMap::new();
     // Responses larger than one block (a lock list) go out block-wise (RFC 7959).
     let mut blocks: BlockHandler<std::net::SocketAddr> =
         BlockHandler::new(BlockHandlerConfig::default());
@@ -95,6 +99,7 @@ pub async fn serve_peer(peer: NewPeer, endpoint: Arc<Endpoint>) {
             if let Some(r) = request.response.as_mut() {
                 r.message = reply;
             }
+            observe(&endpoint, &identity, &mut request, &dtls, &mut observers);
             let _ = blocks.intercept_response(&mut request);
         }
         let Some(Ok(bytes)) = request.response.as_ref().map(|r| r.message.to_bytes()) else {
@@ -106,7 +111,84 @@ pub async fn serve_peer(peer: NewPeer, endpoint: Arc<Endpoint>) {
             recent.pop_front();
         }
     }
+    for (_, task) in observers {
+        task.abort();
+    }
     let _ = dtls.close().await;
+}
+
+/// Register or end an observation of `/locks/{id}` (RFC 7641). A registered client gets the
+/// current view with an Observe number now, then a notification on every change.
+fn observe(
+    endpoint: &Arc<Endpoint>,
+    identity: &str,
+    request: &mut CoapRequest<std::net::SocketAddr>,
+    dtls: &Arc<DTLSConn>,
+    observers: &mut std::collections::HashMap<Vec<u8>, tokio::task::JoinHandle<()>>,
+) {
+    if *request.get_method() != RequestType::Get {
+        return;
+    }
+    let path = request.get_path();
+    let Some(lock) = path
+        .strip_prefix("locks/")
+        .filter(|l| !l.contains('/'))
+        .map(str::to_string)
+    else {
+        return;
+    };
+    let token = request.message.get_token().to_vec();
+    match request.get_observe_flag() {
+        Some(Ok(ObserveOption::Deregister)) => {
+            if let Some(task) = observers.remove(&token) {
+                task.abort();
+            }
+        }
+        Some(Ok(ObserveOption::Register)) => {
+            let Some(response) = request.response.as_mut() else {
+                return;
+            };
+            if response.message.header.code != MessageClass::Response(ResponseType::Content) {
+                return; // not found or not allowed: no observation
+            }
+            response.message.set_observe_value(0);
+            let mut events = endpoint.supervisor.registry().subscribe();
+            let dtls = dtls.clone();
+            let token_for_task = token.clone();
+            let base_mid = request.message.header.message_id;
+            log::info!("coap: {identity} observes {lock}");
+            let task = tokio::spawn(async move {
+                let mut seq: u32 = 0;
+                loop {
+                    let view = match events.recv().await {
+                        Ok(GatewayEvent::LockChanged { lock: v }) if v.id == lock => v,
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            continue;
+                        }
+                        Err(_) => return,
+                    };
+                    seq = (seq + 1) & 0x00FF_FFFF;
+                    let mut n = Packet::new();
+                    n.header.set_version(1);
+                    n.header.set_type(MessageType::NonConfirmable);
+                    n.header.code = MessageClass::Response(ResponseType::Content);
+                    n.header.message_id = base_mid.wrapping_add(seq as u16).wrapping_add(0x4000);
+                    n.set_token(token_for_task.clone());
+                    n.set_observe_value(seq);
+                    n.set_content_format(ContentFormat::ApplicationJSON);
+                    n.payload = serde_json::to_vec(&view).unwrap_or_default();
+                    let Ok(bytes) = n.to_bytes() else { continue };
+                    if dtls.write(&bytes, None).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            if let Some(old) = observers.insert(token, task) {
+                old.abort();
+            }
+        }
+        _ => {}
+    }
 }
 
 fn json_response(
