@@ -50,6 +50,8 @@ pub struct CoapSummary {
     pub endpoint: String,
     pub identity: String,
     pub psk_hex: String,
+    /// A `ctl.toml` for `lockbridge ctl --config`.
+    pub client_config: PathBuf,
     /// The same key as text: the demo's key is printable ASCII so `coap-client -k` takes it.
     #[serde(skip)]
     pub psk_text: String,
@@ -135,6 +137,12 @@ pub fn setup(dir: &Path, locks: usize, connection_interval_ms: u64) -> anyhow::R
     ));
     let daemon_config = dir.join("lockbridge.toml");
     std::fs::write(&daemon_config, toml).with_context(|| daemon_config.display().to_string())?;
+    let client_config = dir.join("ctl.toml");
+    std::fs::write(
+        &client_config,
+        format!("endpoint = \"{coap_endpoint}\"\nidentity = \"demo\"\npsk_file = \"state/psk/demo.hex\"\n"),
+    )
+    .with_context(|| client_config.display().to_string())?;
     Ok(Summary {
         world,
         daemon_config,
@@ -144,6 +152,7 @@ pub fn setup(dir: &Path, locks: usize, connection_interval_ms: u64) -> anyhow::R
             endpoint: coap_endpoint,
             identity: "demo".into(),
             psk_hex,
+            client_config,
             psk_text,
         },
     })
@@ -343,6 +352,11 @@ pub async fn run(
         out,
         "  lockbridge local --socket {} unlock lock-2 --id my-first-command",
         summary.control_socket.display()
+    )?;
+    writeln!(
+        out,
+        "  lockbridge ctl --config {} state lock-1 --watch",
+        summary.coap.client_config.display()
     )?;
     for (method, path) in [("get", "/locks"), ("post", "/locks/lock-1/unlock")] {
         writeln!(

@@ -31,6 +31,7 @@
 //! - [`cloud`] — CoAP over DTLS 1.2: [`cloud::dtls`] (own UDP demultiplexer around webrtc-dtls,
 //!   a task and deadline per handshake, caps, final-flight resend) and [`cloud::coap`] (the
 //!   resources, with the PSK identity as the command origin).
+//! - [`ctl`] — `lockbridge ctl`, the CoAP-over-DTLS client.
 //! - [`daemon`] — `lockbridge run`; [`control`] — the local control socket; [`systemd`] —
 //!   sd_notify and the watchdog; [`telemetry`] — logging; [`demo`] — `lockbridge demo`.
 
@@ -40,6 +41,7 @@ pub mod command;
 pub mod config;
 pub mod control;
 pub mod credentials;
+pub mod ctl;
 pub mod daemon;
 pub mod demo;
 pub mod driver;

@@ -37,6 +37,17 @@ enum Command {
         #[arg(long, default_value = lockbridge::config::DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// The CoAP-over-DTLS client for a gateway's cloud endpoint.
+    Ctl {
+        /// A ctl.toml: endpoint, identity and psk_file or psk_hex (`demo --setup-only` writes one).
+        #[arg(long)]
+        config: PathBuf,
+        /// Print the JSON the gateway answered instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        what: CtlCommand,
+    },
     /// Talk to the running daemon over its local control socket (origin `cli`).
     Local {
         /// The daemon's control socket (its `control.socket`).
@@ -82,6 +93,34 @@ enum Command {
     /// The certificate and time authority.
     #[command(subcommand)]
     Authority(AuthorityCommand),
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// The locks this identity may read.
+    Locks,
+    /// The gateway: id, version, uptime, sessions, DTLS peers.
+    Gateway,
+    /// One lock's state; --watch follows it (CoAP Observe) until Ctrl-C.
+    State {
+        lock: String,
+        #[arg(long)]
+        watch: bool,
+    },
+    Lock(CtlAction),
+    Unlock(CtlAction),
+    Pull(CtlAction),
+}
+
+#[derive(Args)]
+struct CtlAction {
+    lock: String,
+    /// normal, auto, force or without-pull
+    #[arg(long)]
+    mode: Option<lockbridge::command::Mode>,
+    /// Request id: repeating it returns the first outcome and never actuates twice.
+    #[arg(long)]
+    id: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -252,6 +291,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             )?;
             Ok(())
         }
+        Command::Ctl { config, json, what } => {
+            runtime()?.block_on(ctl(&config, json, what, &mut out))
+        }
         Command::Local { socket, json, what } => {
             runtime()?.block_on(local(&socket, json, what, &mut out))
         }
@@ -376,6 +418,115 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn ctl(
+    config: &std::path::Path,
+    json: bool,
+    what: CtlCommand,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    use coap_lite::RequestType;
+    let (cfg, key) = lockbridge::ctl::CtlConfig::load(config)?;
+    let mut client =
+        lockbridge::ctl::CoapClient::connect(cfg.endpoint, &cfg.identity, &key).await?;
+    let show = |out: &mut dyn Write, body: &[u8]| -> anyhow::Result<serde_json::Value> {
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
+        if json {
+            writeln!(out, "{}", String::from_utf8_lossy(body))?;
+        }
+        Ok(v)
+    };
+    let line = |v: &serde_json::Value| {
+        format!(
+            "{:<16} {:<15} {:<18} battery {:>4}",
+            v["id"].as_str().unwrap_or("?"),
+            v["status"].as_str().unwrap_or("?"),
+            v["state"].as_str().unwrap_or("unknown"),
+            v["battery"]
+                .as_u64()
+                .map(|b| format!("{b}%"))
+                .unwrap_or_else(|| "?".into())
+        )
+    };
+    let result = match what {
+        CtlCommand::Locks | CtlCommand::Gateway | CtlCommand::State { watch: false, .. } => {
+            let path = match &what {
+                CtlCommand::Locks => "/locks".to_string(),
+                CtlCommand::Gateway => "/gateway".to_string(),
+                CtlCommand::State { lock, .. } => format!("/locks/{lock}"),
+                _ => unreachable!("matched above"),
+            };
+            let (code, body) = client.request(RequestType::Get, &path, &[]).await?;
+            if !code.starts_with("2.") {
+                anyhow::bail!("{code} {}", String::from_utf8_lossy(&body));
+            }
+            let v = show(out, &body)?;
+            if !json {
+                match v.as_array() {
+                    Some(list) => {
+                        for l in list {
+                            writeln!(out, "{}", line(l))?;
+                        }
+                    }
+                    None if matches!(what, CtlCommand::Gateway) => writeln!(out, "{v:#}")?,
+                    None => writeln!(out, "{}", line(&v))?,
+                }
+            }
+            Ok(())
+        }
+        CtlCommand::State { lock, watch: true } => {
+            let path = format!("/locks/{lock}");
+            client
+                .observe(&path, |body| {
+                    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+                    let text = if json {
+                        String::from_utf8_lossy(body).into_owned()
+                    } else {
+                        line(&v)
+                    };
+                    writeln!(out, "{text}").is_ok() && out.flush().is_ok()
+                })
+                .await
+        }
+        CtlCommand::Lock(_) | CtlCommand::Unlock(_) | CtlCommand::Pull(_) => {
+            let (action, a) = match what {
+                CtlCommand::Lock(a) => ("lock", a),
+                CtlCommand::Unlock(a) => ("unlock", a),
+                CtlCommand::Pull(a) => ("pull", a),
+                _ => unreachable!("matched above"),
+            };
+            let mut body = serde_json::Map::new();
+            if let Some(m) = a.mode {
+                body.insert("mode".into(), serde_json::to_value(m)?);
+            }
+            if let Some(id) = &a.id {
+                body.insert("request_id".into(), id.clone().into());
+            }
+            let payload = if body.is_empty() {
+                Vec::new()
+            } else {
+                serde_json::to_vec(&body)?
+            };
+            let path = format!("/locks/{}/{action}", a.lock);
+            let (code, resp) = client.request(RequestType::Post, &path, &payload).await?;
+            let v = show(out, &resp)?;
+            if !json {
+                writeln!(
+                    out,
+                    "{action} {}: {code} {}",
+                    a.lock,
+                    String::from_utf8_lossy(&resp)
+                )?;
+            }
+            if v["status"] != "success" {
+                anyhow::bail!("the command did not succeed ({code})");
+            }
+            Ok(())
+        }
+    };
+    client.close().await;
+    result
 }
 
 async fn local(

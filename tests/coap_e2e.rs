@@ -289,3 +289,107 @@ async fn observe_pushes_every_state_change_of_a_lock() {
     }
     assert_eq!(states, vec!["locked", "unlocking", "unlocked"], "{text}");
 }
+
+fn ctl(world: &World, args: &[&str]) -> std::process::Output {
+    let config = world.summary["coap"]["client_config"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    Command::new(env!("CARGO_BIN_EXE_lockbridge"))
+        .args(["ctl", "--config", &config])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn ctl_reads_commands_and_repeats_ids_safely() {
+    let world = World::new(4, |_| {});
+    let _sim = world.sim();
+    let _daemon = world.daemon();
+    let out = ctl(&world, &["--json", "locks"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let locks: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        locks.as_array().unwrap().len(),
+        4,
+        "block-wise list: {locks}"
+    );
+    let gw: Value = serde_json::from_slice(&ctl(&world, &["--json", "gateway"]).stdout).unwrap();
+    assert_eq!(gw["locks"], 4);
+    let first = ctl(&world, &["--json", "unlock", "lock-1", "--id", "ctl-42"]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let again = ctl(&world, &["--json", "unlock", "lock-1", "--id", "ctl-42"]);
+    assert_eq!(
+        first.stdout, again.stdout,
+        "the same id answers the same outcome"
+    );
+    let outcome: Value = serde_json::from_slice(&first.stdout).unwrap();
+    assert_eq!(outcome["status"], "success");
+    assert_eq!(outcome["state"]["state"], "unlocked");
+    assert_eq!(world.actuations().len(), 1);
+    let denied = ctl(&world, &["state", "no-such-lock"]);
+    assert!(!denied.status.success());
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("4.04"),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_state_watch_follows_the_lock() {
+    let world = World::new(1, |_| {});
+    let _sim = world.sim();
+    let _daemon = world.daemon();
+    world
+        .wait_status("lock-1", "connected", Duration::from_secs(10))
+        .await;
+    let config = world.summary["coap"]["client_config"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_lockbridge"))
+        .args([
+            "ctl", "--config", &config, "--json", "state", "lock-1", "--watch",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let reports = world
+        .command(
+            "lock-1",
+            lockbridge::command::Action::Unlock,
+            None,
+            Some(30),
+        )
+        .await;
+    assert!(matches!(
+        common::outcome(&reports),
+        lockbridge::command::Outcome::Success { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = watch.kill();
+    let out = watch.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let states: Vec<String> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v["state"].as_str().map(str::to_string))
+        .fold(Vec::new(), |mut acc, s| {
+            if acc.last() != Some(&s) {
+                acc.push(s);
+            }
+            acc
+        });
+    assert_eq!(states, vec!["locked", "unlocking", "unlocked"], "{text}");
+}

@@ -1,0 +1,286 @@
+//! `lockbridge ctl`: the CoAP-over-DTLS client for the cloud endpoint (PSK).
+//!
+//! Confirmable requests with retransmission (2 s doubling, 4 times), separate responses,
+//! block-wise responses (Block2) and Observe for `state --watch`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use coap_lite::{CoapOption, ContentFormat, MessageClass, MessageType, Packet, RequestType};
+use serde::Deserialize;
+use tokio::net::UdpSocket;
+use webrtc_dtls::cipher_suite::CipherSuiteId;
+use webrtc_dtls::config::{Config as DtlsConfig, ExtendedMasterSecretType};
+use webrtc_dtls::conn::DTLSConn;
+use zeroize::Zeroizing;
+
+/// `ctl.toml`: where the endpoint is and who we are.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CtlConfig {
+    pub endpoint: SocketAddr,
+    pub identity: String,
+    /// The key as hex, or `psk_file` (hex, mode 0600, relative to this file).
+    #[serde(default)]
+    pub psk_hex: Option<String>,
+    #[serde(default)]
+    pub psk_file: Option<std::path::PathBuf>,
+}
+
+impl CtlConfig {
+    pub fn load(path: &Path) -> anyhow::Result<(CtlConfig, Zeroizing<Vec<u8>>)> {
+        let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+        let cfg: CtlConfig = toml::from_str(&text).with_context(|| path.display().to_string())?;
+        let client = crate::config::CoapClient {
+            identity: cfg.identity.clone(),
+            psk_hex: cfg.psk_hex.clone(),
+            psk_file: cfg.psk_file.clone(),
+        };
+        let key = client
+            .psk(path.parent().unwrap_or(Path::new(".")))
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        Ok((cfg, key))
+    }
+}
+
+pub struct CoapClient {
+    dtls: Arc<DTLSConn>,
+    next_mid: u16,
+    next_token: u32,
+}
+
+const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+const MAX_RETRANSMIT: u32 = 4;
+/// How long a separate response may take after the empty ACK.
+const SEPARATE_LIMIT: Duration = Duration::from_secs(60);
+
+impl CoapClient {
+    pub async fn connect(
+        endpoint: SocketAddr,
+        identity: &str,
+        key: &[u8],
+    ) -> anyhow::Result<CoapClient> {
+        let bind = if endpoint.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
+        let socket = UdpSocket::bind(bind).await?;
+        socket.connect(endpoint).await?;
+        let key = Zeroizing::new(key.to_vec());
+        let config = DtlsConfig {
+            psk: Some(Arc::new(move |_hint: &[u8]| Ok(key.to_vec()))),
+            psk_identity_hint: Some(identity.as_bytes().to_vec()),
+            cipher_suites: vec![CipherSuiteId::Tls_Psk_With_Aes_128_Gcm_Sha256],
+            extended_master_secret: ExtendedMasterSecretType::Require,
+            // PSK has no certificate to match a name against; webrtc-dtls wants one set.
+            server_name: "lockbridge".into(),
+            ..Default::default()
+        };
+        let handshake = DTLSConn::new(Arc::new(socket), config, true, None);
+        let dtls = tokio::time::timeout(Duration::from_secs(15), handshake)
+            .await
+            .map_err(|_| {
+                anyhow!("{endpoint}: no DTLS handshake within 15 s (is the endpoint up?)")
+            })?
+            .map_err(|e| {
+                anyhow!("{endpoint}: DTLS handshake refused: {e} (check identity and key)")
+            })?;
+        Ok(CoapClient {
+            dtls: Arc::new(dtls),
+            next_mid: rand_core::RngCore::next_u32(&mut rand_core::OsRng) as u16,
+            next_token: 1,
+        })
+    }
+
+    fn packet(&mut self, method: RequestType, path: &str, payload: &[u8]) -> Packet {
+        let mut p = Packet::new();
+        p.header.set_version(1);
+        p.header.set_type(MessageType::Confirmable);
+        p.header.code = MessageClass::Request(method);
+        self.next_mid = self.next_mid.wrapping_add(1);
+        p.header.message_id = self.next_mid;
+        self.next_token = self.next_token.wrapping_add(1);
+        p.set_token(self.next_token.to_be_bytes().to_vec());
+        for seg in path.split('/').filter(|s| !s.is_empty()) {
+            p.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
+        }
+        if !payload.is_empty() {
+            p.set_content_format(ContentFormat::ApplicationJSON);
+            p.payload = payload.to_vec();
+        }
+        p
+    }
+
+    /// Send a confirmable request and return the response, following separate responses.
+    async fn exchange(&mut self, request: &Packet) -> anyhow::Result<Packet> {
+        let bytes = request
+            .to_bytes()
+            .map_err(|e| anyhow!("encoding the request: {e:?}"))?;
+        let mid = request.header.message_id;
+        let token = request.get_token().to_vec();
+        let mut timeout = ACK_TIMEOUT;
+        let mut acknowledged = false;
+        let mut buf = vec![0u8; 2048];
+        for attempt in 0..=MAX_RETRANSMIT {
+            if !acknowledged {
+                self.dtls.write(&bytes, None).await?;
+            }
+            let wait = if acknowledged {
+                SEPARATE_LIMIT
+            } else {
+                timeout
+            };
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                let n = match tokio::time::timeout(left, self.dtls.read(&mut buf, None)).await {
+                    Ok(Ok(n)) => n,
+                    Ok(Err(e)) => bail!("connection lost: {e}"),
+                    Err(_) => break,
+                };
+                let Ok(p) = Packet::from_bytes(&buf[..n]) else {
+                    continue;
+                };
+                if p.header.get_type() == MessageType::Acknowledgement && p.header.message_id == mid
+                {
+                    if p.header.code == MessageClass::Empty {
+                        acknowledged = true; // the answer follows as a separate response
+                        continue;
+                    }
+                    return Ok(p);
+                }
+                if p.get_token() == token.as_slice()
+                    && matches!(p.header.code, MessageClass::Response(_))
+                {
+                    if p.header.get_type() == MessageType::Confirmable {
+                        self.ack(p.header.message_id).await;
+                    }
+                    return Ok(p);
+                }
+            }
+            if acknowledged {
+                bail!("no separate response within {SEPARATE_LIMIT:?}");
+            }
+            if attempt < MAX_RETRANSMIT {
+                timeout *= 2;
+            }
+        }
+        bail!("no answer after {} transmissions", MAX_RETRANSMIT + 1)
+    }
+
+    async fn ack(&self, mid: u16) {
+        let mut ack = Packet::new();
+        ack.header.set_version(1);
+        ack.header.set_type(MessageType::Acknowledgement);
+        ack.header.code = MessageClass::Empty;
+        ack.header.message_id = mid;
+        if let Ok(b) = ack.to_bytes() {
+            let _ = self.dtls.write(&b, None).await;
+        }
+    }
+
+    /// A request with its whole answer: the code and the payload joined over Block2.
+    pub async fn request(
+        &mut self,
+        method: RequestType,
+        path: &str,
+        payload: &[u8],
+    ) -> anyhow::Result<(String, Vec<u8>)> {
+        let first = self.packet(method, path, payload);
+        let mut response = self.exchange(&first).await?;
+        let code = code_text(&response);
+        let mut body = std::mem::take(&mut response.payload);
+        let mut block = block2(&response);
+        while let Some((num, true, szx)) = block {
+            let mut next = self.packet(method, path, payload);
+            next.add_option(
+                CoapOption::Block2,
+                uint_bytes(((u32::from(num) + 1) << 4) | u32::from(szx)),
+            );
+            let mut r = self.exchange(&next).await?;
+            body.append(&mut r.payload);
+            block = block2(&r);
+        }
+        Ok((code, body))
+    }
+
+    /// Observe a resource: `each` gets every representation until it returns false.
+    pub async fn observe(
+        &mut self,
+        path: &str,
+        mut each: impl FnMut(&[u8]) -> bool,
+    ) -> anyhow::Result<()> {
+        let mut request = self.packet(RequestType::Get, path, &[]);
+        request.set_observe_value(0);
+        let first = self.exchange(&request).await?;
+        if !code_text(&first).starts_with("2.") {
+            bail!(
+                "{} {}",
+                code_text(&first),
+                String::from_utf8_lossy(&first.payload)
+            );
+        }
+        if !each(&first.payload) {
+            return Ok(());
+        }
+        let token = request.get_token().to_vec();
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let n = self.dtls.read(&mut buf, None).await?;
+            let Ok(p) = Packet::from_bytes(&buf[..n]) else {
+                continue;
+            };
+            if p.get_token() != token.as_slice() {
+                continue;
+            }
+            if p.header.get_type() == MessageType::Confirmable {
+                self.ack(p.header.message_id).await;
+            }
+            if !each(&p.payload) {
+                return Ok(());
+            }
+        }
+    }
+
+    pub async fn close(self) {
+        let _ = self.dtls.close().await;
+    }
+}
+
+fn code_text(p: &Packet) -> String {
+    let raw: u8 = p.header.code.into();
+    format!("{}.{:02}", raw >> 5, raw & 0x1F)
+}
+
+fn block2(p: &Packet) -> Option<(u16, bool, u8)> {
+    let raw = p.get_option(CoapOption::Block2)?.front()?;
+    let v = raw.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b));
+    Some(((v >> 4) as u16, (v >> 3) & 1 == 1, (v & 7) as u8))
+}
+
+fn uint_bytes(v: u32) -> Vec<u8> {
+    let bytes = v.to_be_bytes();
+    let skip = bytes.iter().take_while(|b| **b == 0).count();
+    bytes[skip..].to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block2_values_round_trip() {
+        let mut p = Packet::new();
+        p.add_option(CoapOption::Block2, uint_bytes((3 << 4) | (1 << 3) | 6));
+        assert_eq!(block2(&p), Some((3, true, 6)));
+        assert_eq!(uint_bytes(0), Vec::<u8>::new());
+        assert_eq!(uint_bytes(0x1E), vec![0x1E]);
+    }
+}
