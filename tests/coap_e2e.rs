@@ -393,3 +393,75 @@ async fn ctl_state_watch_follows_the_lock() {
         });
     assert_eq!(states, vec!["locked", "unlocking", "unlocked"], "{text}");
 }
+
+fn run_with_empty_stdin(cmd: &mut Command) -> String {
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}; tests/run.sh installs openssl and gnutls-bin"));
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn openssl_and_gnutls_complete_psk_handshakes_with_gcm_and_ccm_8() {
+    let (c, _sim, _daemon) = coap_world("");
+    let endpoint = format!("127.0.0.1:{}", c.port);
+    for cipher in ["PSK-AES128-GCM-SHA256", "PSK-AES128-CCM8"] {
+        let text = run_with_empty_stdin(Command::new("timeout").args([
+            "8",
+            "openssl",
+            "s_client",
+            "-dtls1_2",
+            "-connect",
+            &endpoint,
+            "-psk_identity",
+            "full",
+            "-psk",
+            &hex(PSK),
+            "-cipher",
+            cipher,
+            "-brief",
+        ]));
+        assert!(text.contains("CONNECTION ESTABLISHED"), "{cipher}: {text}");
+        assert!(
+            text.contains(&format!("Ciphersuite: {cipher}")),
+            "{cipher}: {text}"
+        );
+    }
+    let text = run_with_empty_stdin(Command::new("timeout").args([
+        "8",
+        "gnutls-cli",
+        "--udp",
+        "--port",
+        &c.port.to_string(),
+        "--pskusername",
+        "full",
+        "--pskkey",
+        &hex(PSK),
+        "--priority",
+        "NORMAL:-VERS-ALL:+VERS-DTLS1.2:-KX-ALL:+PSK:-CIPHER-ALL:+AES-128-GCM",
+        "127.0.0.1",
+    ]));
+    assert!(text.contains("Handshake was completed"), "{text}");
+    // A wrong key is refused by both.
+    let text = run_with_empty_stdin(Command::new("timeout").args([
+        "8",
+        "openssl",
+        "s_client",
+        "-dtls1_2",
+        "-connect",
+        &endpoint,
+        "-psk_identity",
+        "full",
+        "-psk",
+        "00112233445566778899aabbccddeeff",
+        "-cipher",
+        "PSK-AES128-GCM-SHA256",
+        "-brief",
+    ]));
+    assert!(!text.contains("CONNECTION ESTABLISHED"), "{text}");
+}

@@ -23,6 +23,8 @@ ldconfig -p 2>/dev/null | grep -q 'libsystemd\.so\.0' || apt_packages+=(libsyste
 command -v kill >/dev/null || apt_packages+=(procps)
 # An independent CoAP/DTLS client for the cloud endpoint's tests.
 command -v coap-client-openssl >/dev/null || apt_packages+=(libcoap3-bin)
+command -v openssl >/dev/null || apt_packages+=(openssl)
+command -v gnutls-cli >/dev/null || apt_packages+=(gnutls-bin)
 if ((${#apt_packages[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "tests/run.sh: missing ${apt_packages[*]}; run as root or: apt-get install ${apt_packages[*]}" >&2
