@@ -10,7 +10,7 @@
 //! ```
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -219,8 +219,4 @@ impl ControlClient {
             }
         }
     }
-}
-
-pub fn default_socket() -> PathBuf {
-    PathBuf::from("/run/lockbridge/control.sock")
 }

@@ -2,7 +2,7 @@
 //! time, from a provider behind one interface — this project's `authority`, or `files`
 //! delivered by the operator's backend. A cloud-API provider can implement the same trait.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use base64::Engine;
@@ -142,8 +142,4 @@ pub fn refresh_after_ms(certificate: &[u8], now_ms: u64) -> u64 {
         Ok(_) => 0,
         Err(_) => 86_400_000,
     }
-}
-
-pub fn state_path(config: &Config, name: &str) -> PathBuf {
-    Path::new(&config.gateway.state_dir).join(name)
 }

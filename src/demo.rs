@@ -7,7 +7,6 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -392,6 +391,3 @@ pub async fn run(
     sim.await??;
     Ok(())
 }
-
-/// The supervisor handle type the demo uses, re-exported for tests that script it.
-pub type SharedSupervisor = Arc<crate::supervisor::Supervisor>;

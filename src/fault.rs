@@ -35,16 +35,6 @@ pub struct FaultConfig {
 }
 
 impl FaultConfig {
-    pub fn is_clean(&self) -> bool {
-        self.loss == 0.0
-            && self.duplicate == 0.0
-            && self.reorder == 0.0
-            && self.delay_ms == 0
-            && self.jitter_ms == 0
-            && self.disconnect_after_frames.is_none()
-            && self.connection_interval_ms == 0
-    }
-
     /// Check that probabilities are probabilities.
     pub fn validate(&self) -> Result<(), String> {
         for (name, p) in [

@@ -420,6 +420,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// One lock's view as a line of text, for `local` and `ctl`.
+fn lock_line(v: &serde_json::Value) -> String {
+    format!(
+        "{:<16} {:<15} {:<18} battery {:>4}",
+        v["id"].as_str().unwrap_or("?"),
+        v["status"].as_str().unwrap_or("?"),
+        v["state"].as_str().unwrap_or("unknown"),
+        v["battery"]
+            .as_u64()
+            .map(|b| format!("{b}%"))
+            .unwrap_or_else(|| "?".into())
+    )
+}
+
 async fn ctl(
     config: &std::path::Path,
     json: bool,
@@ -437,18 +451,7 @@ async fn ctl(
         }
         Ok(v)
     };
-    let line = |v: &serde_json::Value| {
-        format!(
-            "{:<16} {:<15} {:<18} battery {:>4}",
-            v["id"].as_str().unwrap_or("?"),
-            v["status"].as_str().unwrap_or("?"),
-            v["state"].as_str().unwrap_or("unknown"),
-            v["battery"]
-                .as_u64()
-                .map(|b| format!("{b}%"))
-                .unwrap_or_else(|| "?".into())
-        )
-    };
+    let line = lock_line;
     let result = match what {
         CtlCommand::Locks | CtlCommand::Gateway | CtlCommand::State { watch: false, .. } => {
             let path = match &what {
@@ -573,14 +576,8 @@ async fn local(
                 for l in list {
                     writeln!(
                         out,
-                        "{:<16} {:<15} {:<18} battery {:>4}  {}",
-                        l["id"].as_str().unwrap_or("?"),
-                        l["status"].as_str().unwrap_or("?"),
-                        l["state"].as_str().unwrap_or("unknown"),
-                        l["battery"]
-                            .as_u64()
-                            .map(|b| format!("{b}%"))
-                            .unwrap_or_else(|| "?".into()),
+                        "{}  {}",
+                        lock_line(&l),
                         l["last_error"].as_str().unwrap_or("")
                     )?;
                 }

@@ -106,22 +106,20 @@ fn resources_and_commands_work_for_an_independent_client() {
     assert_eq!(gw["locks"], 1);
     let (core, _) = c.client(&["-m", "get", "-u", "full", "-k", PSK], "/.well-known/core");
     assert!(core.contains("</locks/lock-1>"), "{core}");
+    let post_with_id = [
+        "-m",
+        "post",
+        "-u",
+        "full",
+        "-k",
+        PSK,
+        "-t",
+        "50",
+        "-e",
+        r#"{"request_id":"coap-1"}"#,
+    ];
     let t = Instant::now();
-    let (out, err) = c.client(
-        &[
-            "-m",
-            "post",
-            "-u",
-            "full",
-            "-k",
-            PSK,
-            "-t",
-            "50",
-            "-e",
-            r#"{"request_id":"coap-1"}"#,
-        ],
-        "/locks/lock-1/unlock",
-    );
+    let (out, err) = c.client(&post_with_id, "/locks/lock-1/unlock");
     let outcome: Value =
         serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out:?} {err:?}"));
     assert_eq!(outcome["status"], "success", "{outcome}");
@@ -129,21 +127,7 @@ fn resources_and_commands_work_for_an_independent_client() {
     assert_eq!(outcome["state"]["state"], "unlocked");
     assert!(t.elapsed() < Duration::from_secs(8));
     // The same request id again: the first outcome, no second actuation.
-    let (again, _) = c.client(
-        &[
-            "-m",
-            "post",
-            "-u",
-            "full",
-            "-k",
-            PSK,
-            "-t",
-            "50",
-            "-e",
-            r#"{"request_id":"coap-1"}"#,
-        ],
-        "/locks/lock-1/unlock",
-    );
+    let (again, _) = c.client(&post_with_id, "/locks/lock-1/unlock");
     assert!(again.contains("\"success\""), "{again}");
     assert_eq!(c.world.actuations().len(), 1);
 }
