@@ -104,6 +104,7 @@ impl Rig {
             mode: Mode::Normal,
             ttl: Some(Duration::from_secs(60)),
             origin: "cli".into(),
+            source: None,
         });
         while let Some(r) = rx.recv().await {
             if let Some(o) = r.outcome() {

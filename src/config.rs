@@ -207,7 +207,14 @@ pub struct Coap {
     pub max_peers: usize,
     /// Handshakes in progress at once; more ClientHellos are dropped.
     pub max_half_open: usize,
-    /// PSK clients; each identity is a command origin in `[[permissions]]`.
+    /// The gateway's certificate chain (PEM, relative to `gateway.state_dir`), for clients
+    /// that authenticate with ECDSA P-256 certificates.
+    pub certificate: Option<PathBuf>,
+    /// Its private key (PKCS#8 PEM, mode 0600, relative to `gateway.state_dir`).
+    pub private_key: Option<PathBuf>,
+    /// The CA (PEM) that issues client certificates; clients name it by `certificate_cn`.
+    pub client_ca: Option<PathBuf>,
+    /// Clients; each identity is a command origin in `[[permissions]]`.
     pub clients: Vec<CoapClient>,
 }
 
@@ -219,6 +226,9 @@ impl Default for Coap {
             idle_timeout_s: 300,
             max_peers: 4096,
             max_half_open: 256,
+            certificate: None,
+            private_key: None,
+            client_ca: None,
             clients: Vec::new(),
         }
     }
@@ -234,31 +244,66 @@ pub struct CoapClient {
     /// A file holding the key as hex (mode 0600, relative to `gateway.state_dir`).
     #[serde(default)]
     pub psk_file: Option<PathBuf>,
+    /// A client certificate issued by `coap.client_ca` with this subject common name.
+    #[serde(default)]
+    pub certificate_cn: Option<String>,
+    /// A pinned client key: SHA-256 of its SubjectPublicKeyInfo (DER), as hex.
+    #[serde(default)]
+    pub public_key_sha256: Option<String>,
+}
+
+/// How a CoAP client proves who it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientAuth {
+    Psk,
+    CertificateCn(String),
+    PinnedKey([u8; 32]),
+}
+
+/// Read a file holding a secret, refusing it when group or others may read it.
+pub fn read_private(path: &Path) -> Result<zeroize::Zeroizing<String>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{}: mode {mode:04o} lets group or others read the key; fix with `chmod 600 {}`",
+            path.display(),
+            path.display()
+        ));
+    }
+    std::fs::read_to_string(path)
+        .map(zeroize::Zeroizing::new)
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 impl CoapClient {
+    /// Which of the ways to authenticate this entry names (exactly one).
+    pub fn auth(&self) -> Result<ClientAuth, String> {
+        let psk = self.psk_hex.is_some() || self.psk_file.is_some();
+        match (psk, &self.certificate_cn, &self.public_key_sha256) {
+            (true, None, None) => Ok(ClientAuth::Psk),
+            (false, Some(cn), None) if !cn.is_empty() => Ok(ClientAuth::CertificateCn(cn.clone())),
+            (false, None, Some(pin)) => {
+                let bytes = hex::decode(pin.trim())
+                    .ok()
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok());
+                bytes.map(ClientAuth::PinnedKey).ok_or_else(|| {
+                    "public_key_sha256 must be 64 hex digits (`openssl pkey -pubin -outform der | sha256sum`)".into()
+                })
+            }
+            _ => Err(
+                "give exactly one of psk_hex, psk_file, certificate_cn and public_key_sha256"
+                    .into(),
+            ),
+        }
+    }
+
     /// The key, from `psk_hex` or `psk_file` (refused unless mode 0600).
     pub fn psk(&self, state_dir: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
-        use std::os::unix::fs::PermissionsExt;
         let text = match (&self.psk_hex, &self.psk_file) {
             (Some(h), None) => zeroize::Zeroizing::new(h.clone()),
-            (None, Some(f)) => {
-                let path = state_dir.join(f);
-                let meta =
-                    std::fs::metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-                let mode = meta.permissions().mode() & 0o777;
-                if mode & 0o077 != 0 {
-                    return Err(format!(
-                        "{}: mode {mode:04o} lets group or others read the key; fix with `chmod 600 {}`",
-                        path.display(),
-                        path.display()
-                    ));
-                }
-                zeroize::Zeroizing::new(
-                    std::fs::read_to_string(&path)
-                        .map_err(|e| format!("{}: {e}", path.display()))?,
-                )
-            }
+            (None, Some(f)) => read_private(&state_dir.join(f))?,
             _ => return Err("give exactly one of psk_hex and psk_file".into()),
         };
         let key = hex::decode(text.trim()).map_err(|_| "the PSK is not hex".to_string())?;
@@ -272,12 +317,138 @@ impl CoapClient {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Permission {
-    /// `cli` (the control socket); later `mqtt` and DTLS identities.
+    /// `cli` (the control socket), a CoAP client identity; later `mqtt`.
     pub origin: String,
     /// Lock ids this rule covers; `*` and `?` wildcards.
     #[serde(default = "star")]
     pub locks: String,
     pub actions: Vec<Action>,
+    /// Source address ranges (CIDR) the client must come from; empty = anywhere. A rule with
+    /// ranges never matches an origin without an address (the control socket).
+    #[serde(default)]
+    pub from: Vec<ipnet::IpNet>,
+    /// Times of the week (UTC) the rule applies, such as `"mon-fri 07:00-19:00"`; empty = always.
+    #[serde(default)]
+    pub windows: Vec<Window>,
+}
+
+impl Permission {
+    fn matches(&self, who: &Who, lock: &str, action: Action) -> bool {
+        self.origin == who.origin
+            && glob(&self.locks, lock)
+            && self.actions.contains(&action)
+            && (self.from.is_empty()
+                || who
+                    .source
+                    .is_some_and(|ip| self.from.iter().any(|net| net.contains(&ip))))
+            && (self.windows.is_empty() || self.windows.iter().any(|w| w.contains(who.now)))
+    }
+}
+
+/// Who asks, from where and when: what a [`Permission`] is checked against.
+#[derive(Clone, Copy, Debug)]
+pub struct Who<'a> {
+    pub origin: &'a str,
+    pub source: Option<std::net::IpAddr>,
+    /// Seconds since the Unix epoch.
+    pub now: u64,
+}
+
+impl<'a> Who<'a> {
+    /// `origin` asking now, from `source` if it came over the network.
+    pub fn now(origin: &'a str, source: Option<std::net::IpAddr>) -> Who<'a> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        Who {
+            origin,
+            source,
+            now,
+        }
+    }
+}
+
+/// A weekly time window in UTC: days (Monday first) and minutes of the day. A window whose end
+/// is before its start runs past midnight into the next day.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Window {
+    text: String,
+    /// Bit 0 = Monday.
+    days: u8,
+    start: u32,
+    end: u32,
+}
+
+const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+
+impl Window {
+    /// Whether the instant `unix` (seconds) falls in the window.
+    pub fn contains(&self, unix: u64) -> bool {
+        let day = ((unix / 86_400 + 3) % 7) as u8; // 1970-01-01 was a Thursday
+        let minute = ((unix % 86_400) / 60) as u32;
+        let on = |d: u8| self.days & (1 << d) != 0;
+        if self.start <= self.end {
+            on(day) && minute >= self.start && minute < self.end
+        } else {
+            (on(day) && minute >= self.start) || (on((day + 6) % 7) && minute < self.end)
+        }
+    }
+}
+
+impl TryFrom<String> for Window {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Window, String> {
+        let bad =
+            || format!("{text:?}: expected DAYS HH:MM-HH:MM, such as \"mon-fri 07:00-19:00\"");
+        let (days_text, hours) = match text.trim().split_once(' ') {
+            Some((d, h)) => (d, h.trim()),
+            None => ("mon-sun", text.trim()),
+        };
+        let day = |name: &str| DAYS.iter().position(|d| *d == name).ok_or_else(bad);
+        let mut days = 0u8;
+        for part in days_text.split(',') {
+            let (first, last) = match part.split_once('-') {
+                Some((a, b)) => (day(a)?, day(b)?),
+                None => (day(part)?, day(part)?),
+            };
+            let mut d = first;
+            loop {
+                days |= 1 << d;
+                if d == last {
+                    break;
+                }
+                d = (d + 1) % 7;
+            }
+        }
+        let minute = |hm: &str| -> Result<u32, String> {
+            let (h, m) = hm.split_once(':').ok_or_else(bad)?;
+            let (h, m): (u32, u32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+            if m > 59 || h > 24 || (h == 24 && m != 0) {
+                return Err(bad());
+            }
+            Ok(h * 60 + m)
+        };
+        let (start, end) = hours.split_once('-').ok_or_else(bad)?;
+        let (start, end) = (minute(start)?, minute(end)?);
+        if start == end {
+            return Err(bad());
+        }
+        Ok(Window {
+            text,
+            days,
+            start,
+            end,
+        })
+    }
+}
+
+impl From<Window> for String {
+    fn from(w: Window) -> String {
+        w.text
+    }
 }
 
 fn star() -> String {
@@ -289,6 +460,8 @@ fn default_permissions() -> Vec<Permission> {
         origin: "cli".into(),
         locks: star(),
         actions: Action::ALL.to_vec(),
+        from: Vec::new(),
+        windows: Vec::new(),
     }]
 }
 
@@ -490,8 +663,28 @@ impl Config {
                     "\"cli\" is the control socket's origin".into(),
                 ));
             }
-            c.psk(&self.gateway.state_dir)
-                .map_err(|e| err(format!("coap.clients[{i}].psk"), e))?;
+            let key = |f: &str| format!("coap.clients[{i}].{f}");
+            match c.auth().map_err(|e| err(key("identity"), e))? {
+                ClientAuth::Psk => {
+                    c.psk(&self.gateway.state_dir)
+                        .map_err(|e| err(key("psk"), e))?;
+                }
+                ClientAuth::CertificateCn(_) if self.coap.client_ca.is_none() => {
+                    return Err(err(
+                        key("certificate_cn"),
+                        "needs coap.client_ca, the CA that issues client certificates".into(),
+                    ));
+                }
+                ClientAuth::CertificateCn(_) | ClientAuth::PinnedKey(_)
+                    if self.coap.certificate.is_none() || self.coap.private_key.is_none() =>
+                {
+                    return Err(err(
+                        "coap.certificate".into(),
+                        "certificate clients need the gateway's coap.certificate and coap.private_key".into(),
+                    ));
+                }
+                _ => {}
+            }
         }
         for (i, p) in self.permissions.iter().enumerate() {
             if p.origin.is_empty() {
@@ -512,11 +705,11 @@ impl Config {
         Duration::from_secs(self.commands.response_timeout_s)
     }
 
-    /// Whether `origin` may do `action` on lock `lock`.
-    pub fn allows(&self, origin: &str, lock: &str, action: Action) -> bool {
+    /// Whether `who` may do `action` on lock `lock`.
+    pub fn allows(&self, who: &Who, lock: &str, action: Action) -> bool {
         self.permissions
             .iter()
-            .any(|p| p.origin == origin && glob(&p.locks, lock) && p.actions.contains(&action))
+            .any(|p| p.matches(who, lock, action))
     }
 }
 
@@ -562,5 +755,124 @@ mod tests {
         assert!(glob("front-*", "front-door"));
         assert!(glob("?ack", "back"));
         assert!(!glob("front-*", "back-door"));
+    }
+
+    /// 2026-11-16 was a Monday.
+    fn at(day: u64, hh: u64, mm: u64) -> u64 {
+        let monday = 20_773 * 86_400;
+        monday + day * 86_400 + hh * 3600 + mm * 60
+    }
+
+    #[test]
+    fn windows_cover_days_and_hours_in_utc() {
+        assert_eq!(
+            (at(0, 0, 0) / 86_400 + 3) % 7,
+            0,
+            "the reference day is a Monday"
+        );
+        let w = Window::try_from("mon-fri 07:00-19:00".to_string()).unwrap();
+        assert!(w.contains(at(0, 7, 0)));
+        assert!(w.contains(at(4, 18, 59)));
+        assert!(!w.contains(at(4, 19, 0)));
+        assert!(!w.contains(at(5, 12, 0)), "Saturday");
+        assert!(!w.contains(at(2, 6, 59)));
+        let night = Window::try_from("sat,sun 22:00-06:00".to_string()).unwrap();
+        assert!(night.contains(at(5, 23, 0)), "Saturday night");
+        assert!(
+            night.contains(at(6, 5, 59)),
+            "early Sunday, from Saturday's window"
+        );
+        assert!(
+            night.contains(at(7, 5, 0)),
+            "early Monday, from Sunday's window"
+        );
+        assert!(!night.contains(at(7, 6, 0)));
+        assert!(!night.contains(at(4, 23, 0)), "Friday night");
+        let wrap = Window::try_from("fri-mon 00:00-24:00".to_string()).unwrap();
+        assert!(wrap.contains(at(6, 12, 0)) && wrap.contains(at(0, 12, 0)));
+        assert!(!wrap.contains(at(1, 12, 0)));
+        let daily = Window::try_from("09:00-10:00".to_string()).unwrap();
+        assert!(daily.contains(at(3, 9, 30)));
+        for bad in [
+            "mon-fri",
+            "mon 7-19",
+            "xyz 07:00-08:00",
+            "mon 07:00-07:00",
+            "25:00-26:00",
+        ] {
+            assert!(Window::try_from(bad.to_string()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn permissions_check_address_ranges_and_windows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            r#"
+[[permissions]]
+origin = "cloud"
+locks = "front-*"
+actions = ["read", "unlock"]
+from = ["10.1.0.0/16", "::1/128"]
+windows = ["mon-fri 07:00-19:00"]
+
+[[permissions]]
+origin = "cloud"
+actions = ["read"]
+"#,
+        )
+        .unwrap();
+        let cfg = Config::load_with_env(&path, []).unwrap();
+        let office = Some("10.1.2.3".parse().unwrap());
+        let who = |source, now| Who {
+            origin: "cloud",
+            source,
+            now,
+        };
+        let monday_noon = at(0, 12, 0);
+        assert!(cfg.allows(&who(office, monday_noon), "front-door", Action::Unlock));
+        assert!(cfg.allows(
+            &who(Some("::1".parse().unwrap()), monday_noon),
+            "front-door",
+            Action::Unlock
+        ));
+        assert!(!cfg.allows(
+            &who(Some("10.2.0.1".parse().unwrap()), monday_noon),
+            "front-door",
+            Action::Unlock
+        ));
+        assert!(!cfg.allows(&who(None, monday_noon), "front-door", Action::Unlock));
+        assert!(!cfg.allows(&who(office, at(5, 12, 0)), "front-door", Action::Unlock));
+        assert!(!cfg.allows(&who(office, monday_noon), "back-door", Action::Unlock));
+        assert!(
+            cfg.allows(&who(None, at(5, 3, 0)), "back-door", Action::Read),
+            "second rule"
+        );
+        let cli = Who {
+            origin: "cli",
+            source: None,
+            now: monday_noon,
+        };
+        assert!(
+            !cfg.allows(&cli, "front-door", Action::Read),
+            "explicit rules replace the default"
+        );
+
+        std::fs::write(
+            &path,
+            "[[permissions]]\norigin = \"x\"\nactions = [\"read\"]\nfrom = [\"10.0.0.300/8\"]\n",
+        )
+        .unwrap();
+        let e = Config::load_with_env(&path, []).unwrap_err().to_string();
+        assert!(e.contains("from") || e.contains("permissions"), "{e}");
+        std::fs::write(
+            &path,
+            "[[permissions]]\norigin = \"x\"\nactions = [\"read\"]\nwindows = [\"someday\"]\n",
+        )
+        .unwrap();
+        let e = Config::load_with_env(&path, []).unwrap_err().to_string();
+        assert!(e.contains("DAYS HH:MM-HH:MM"), "{e}");
     }
 }

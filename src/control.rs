@@ -144,6 +144,7 @@ async fn handle(stream: UnixStream, supervisor: Arc<Supervisor>) -> std::io::Res
                     mode,
                     ttl: ttl_s.map(Duration::from_secs),
                     origin: ORIGIN.into(),
+                    source: None,
                 });
                 while let Some(report) = rx.recv().await {
                     let done = report.outcome().is_some();

@@ -1,4 +1,4 @@
-//! `lockbridge ctl`: the CoAP-over-DTLS client for the cloud endpoint (PSK).
+//! `lockbridge ctl`: the CoAP-over-DTLS client for the cloud endpoint (PSK or certificate).
 //!
 //! Confirmable requests with retransmission (2 s doubling, 4 times), separate responses,
 //! block-wise responses (Block2) and Observe for `state --watch`.
@@ -17,32 +17,89 @@ use webrtc_dtls::config::{Config as DtlsConfig, ExtendedMasterSecretType};
 use webrtc_dtls::conn::DTLSConn;
 use zeroize::Zeroizing;
 
-/// `ctl.toml`: where the endpoint is and who we are.
+/// `ctl.toml`: where the endpoint is and who we are (a PSK, or a certificate and its key).
+/// Relative paths are relative to the file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CtlConfig {
     pub endpoint: SocketAddr,
+    /// The PSK identity.
+    #[serde(default)]
     pub identity: String,
-    /// The key as hex, or `psk_file` (hex, mode 0600, relative to this file).
+    /// The key as hex, or `psk_file` (hex, mode 0600).
     #[serde(default)]
     pub psk_hex: Option<String>,
     #[serde(default)]
     pub psk_file: Option<std::path::PathBuf>,
+    /// Our certificate chain (PEM) and its PKCS#8 key (mode 0600), instead of a PSK.
+    #[serde(default)]
+    pub certificate: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub private_key: Option<std::path::PathBuf>,
+    /// With a certificate: the CA (PEM) that issued the gateway's certificate, and the name
+    /// it must carry.
+    #[serde(default)]
+    pub server_ca: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+/// How `ctl` authenticates.
+pub enum Credentials {
+    Psk {
+        identity: String,
+        key: Zeroizing<Vec<u8>>,
+    },
+    Certificate {
+        certificate: Box<webrtc_dtls::crypto::Certificate>,
+        server_ca: rustls::RootCertStore,
+        server_name: String,
+    },
 }
 
 impl CtlConfig {
-    pub fn load(path: &Path) -> anyhow::Result<(CtlConfig, Zeroizing<Vec<u8>>)> {
+    pub fn load(path: &Path) -> anyhow::Result<(CtlConfig, Credentials)> {
         let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
         let cfg: CtlConfig = toml::from_str(&text).with_context(|| path.display().to_string())?;
-        let client = crate::config::CoapClient {
-            identity: cfg.identity.clone(),
-            psk_hex: cfg.psk_hex.clone(),
-            psk_file: cfg.psk_file.clone(),
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let credentials = match (&cfg.certificate, &cfg.private_key) {
+            (Some(cert), Some(key)) => {
+                let certificate =
+                    crate::cloud::certs::load_identity(&dir.join(cert), &dir.join(key))?;
+                let ca = cfg.server_ca.as_ref().ok_or_else(|| {
+                    anyhow!(
+                        "{}: a certificate needs server_ca to check the gateway",
+                        path.display()
+                    )
+                })?;
+                Credentials::Certificate {
+                    certificate: Box::new(certificate),
+                    server_ca: crate::cloud::certs::load_roots(&dir.join(ca))?,
+                    server_name: cfg
+                        .server_name
+                        .clone()
+                        .unwrap_or_else(|| "lockbridge".into()),
+                }
+            }
+            (None, None) => {
+                let client = crate::config::CoapClient {
+                    identity: cfg.identity.clone(),
+                    psk_hex: cfg.psk_hex.clone(),
+                    psk_file: cfg.psk_file.clone(),
+                    certificate_cn: None,
+                    public_key_sha256: None,
+                };
+                let key = client
+                    .psk(dir)
+                    .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+                Credentials::Psk {
+                    identity: cfg.identity.clone(),
+                    key,
+                }
+            }
+            _ => bail!("{}: give both certificate and private_key", path.display()),
         };
-        let key = client
-            .psk(path.parent().unwrap_or(Path::new(".")))
-            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        Ok((cfg, key))
+        Ok((cfg, credentials))
     }
 }
 
@@ -60,8 +117,7 @@ const SEPARATE_LIMIT: Duration = Duration::from_secs(60);
 impl CoapClient {
     pub async fn connect(
         endpoint: SocketAddr,
-        identity: &str,
-        key: &[u8],
+        credentials: &Credentials,
     ) -> anyhow::Result<CoapClient> {
         let bind = if endpoint.is_ipv4() {
             "0.0.0.0:0"
@@ -70,15 +126,31 @@ impl CoapClient {
         };
         let socket = UdpSocket::bind(bind).await?;
         socket.connect(endpoint).await?;
-        let key = Zeroizing::new(key.to_vec());
-        let config = DtlsConfig {
-            psk: Some(Arc::new(move |_hint: &[u8]| Ok(key.to_vec()))),
-            psk_identity_hint: Some(identity.as_bytes().to_vec()),
-            cipher_suites: vec![CipherSuiteId::Tls_Psk_With_Aes_128_Gcm_Sha256],
-            extended_master_secret: ExtendedMasterSecretType::Require,
-            // PSK has no certificate to match a name against; webrtc-dtls wants one set.
-            server_name: "lockbridge".into(),
-            ..Default::default()
+        let config = match credentials {
+            Credentials::Psk { identity, key } => {
+                let key = key.clone();
+                DtlsConfig {
+                    psk: Some(Arc::new(move |_hint: &[u8]| Ok(key.to_vec()))),
+                    psk_identity_hint: Some(identity.as_bytes().to_vec()),
+                    cipher_suites: vec![CipherSuiteId::Tls_Psk_With_Aes_128_Gcm_Sha256],
+                    extended_master_secret: ExtendedMasterSecretType::Require,
+                    // PSK has no certificate to match a name against; webrtc-dtls wants one set.
+                    server_name: "lockbridge".into(),
+                    ..Default::default()
+                }
+            }
+            Credentials::Certificate {
+                certificate,
+                server_ca,
+                server_name,
+            } => DtlsConfig {
+                certificates: vec![(**certificate).clone()],
+                roots_cas: server_ca.clone(),
+                server_name: server_name.clone(),
+                cipher_suites: vec![CipherSuiteId::Tls_Ecdhe_Ecdsa_With_Aes_128_Gcm_Sha256],
+                extended_master_secret: ExtendedMasterSecretType::Require,
+                ..Default::default()
+            },
         };
         let handshake = DTLSConn::new(Arc::new(socket), config, true, None);
         let dtls = tokio::time::timeout(Duration::from_secs(15), handshake)
@@ -134,7 +206,7 @@ impl CoapClient {
             } else {
                 timeout
             };
-            let deadline = tokio::time::Instant::now() + wait;
+            let mut deadline = tokio::time::Instant::now() + wait;
             loop {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 if left.is_zero() {
@@ -151,7 +223,9 @@ impl CoapClient {
                 if p.header.get_type() == MessageType::Acknowledgement && p.header.message_id == mid
                 {
                     if p.header.code == MessageClass::Empty {
-                        acknowledged = true; // the answer follows as a separate response
+                        // The answer follows as a separate response.
+                        acknowledged = true;
+                        deadline = tokio::time::Instant::now() + SEPARATE_LIMIT;
                         continue;
                     }
                     return Ok(p);

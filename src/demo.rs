@@ -295,6 +295,7 @@ pub async fn run(
             mode: Mode::Normal,
             ttl: None,
             origin: crate::control::ORIGIN.into(),
+            source: None,
         });
         while let Some(r) = rx.recv().await {
             match &r.step {

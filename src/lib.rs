@@ -29,8 +29,10 @@
 //! - [`config`] — the daemon's TOML + environment configuration; [`credentials`] — the
 //!   certificate and signed-time providers; [`keys`] — key files; [`authority`] — issuing.
 //! - [`cloud`] — CoAP over DTLS 1.2: [`cloud::dtls`] (own UDP demultiplexer around webrtc-dtls,
-//!   a task and deadline per handshake, caps, final-flight resend) and [`cloud::coap`] (the
-//!   resources, with the PSK identity as the command origin).
+//!   a task and deadline per handshake, caps, final-flight resend, PSK or certificate
+//!   configuration chosen from the ClientHello), [`cloud::certs`] (the gateway's certificate,
+//!   client certificates by CA or pinned key) and [`cloud::coap`] (the resources, with the
+//!   client's identity as the command origin).
 //! - [`ctl`] — `lockbridge ctl`, the CoAP-over-DTLS client.
 //! - [`daemon`] — `lockbridge run`; [`control`] — the local control socket; [`systemd`] —
 //!   sd_notify and the watchdog; [`telemetry`] — logging; [`demo`] — `lockbridge demo`.

@@ -441,9 +441,8 @@ async fn ctl(
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     use coap_lite::RequestType;
-    let (cfg, key) = lockbridge::ctl::CtlConfig::load(config)?;
-    let mut client =
-        lockbridge::ctl::CoapClient::connect(cfg.endpoint, &cfg.identity, &key).await?;
+    let (cfg, credentials) = lockbridge::ctl::CtlConfig::load(config)?;
+    let mut client = lockbridge::ctl::CoapClient::connect(cfg.endpoint, &credentials).await?;
     let show = |out: &mut dyn Write, body: &[u8]| -> anyhow::Result<serde_json::Value> {
         let v: serde_json::Value = serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
         if json {

@@ -35,6 +35,8 @@ pub struct Request {
     /// Time to live; the configured default when absent.
     pub ttl: Option<Duration>,
     pub origin: String,
+    /// Where a network client came from, for `[[permissions]]` address ranges.
+    pub source: Option<std::net::IpAddr>,
 }
 
 pub struct Supervisor {
@@ -196,7 +198,8 @@ impl Supervisor {
             done(Outcome::failed("unknown-lock"));
             return rx;
         }
-        if !self.config.allows(&cmd.origin, &cmd.lock, cmd.action) {
+        let who = crate::config::Who::now(&cmd.origin, req.source);
+        if !self.config.allows(&who, &cmd.lock, cmd.action) {
             log::warn!(
                 "command {}: origin {} may not {} lock {}: denied",
                 cmd.id,

@@ -36,7 +36,14 @@ fn hex(s: &str) -> String {
 
 /// A one-lock world with CoAP on loopback: `full` may do everything, `reader` may only read.
 fn coap_world(extra: &str) -> (Coap, common::Proc, common::Proc) {
-    let world = World::new(1, |_| {});
+    coap_world_with(extra, |_| {})
+}
+
+fn coap_world_with(
+    extra: &str,
+    sim: impl FnOnce(&mut toml::Table),
+) -> (Coap, common::Proc, common::Proc) {
+    let world = World::new(1, sim);
     let port = free_udp_port();
     world.edit_daemon_config(|t| {
         // Replace the demo's CoAP section and permissions with this test's.
@@ -130,6 +137,63 @@ fn resources_and_commands_work_for_an_independent_client() {
     let (again, _) = c.client(&post_with_id, "/locks/lock-1/unlock");
     assert!(again.contains("\"success\""), "{again}");
     assert_eq!(c.world.actuations().len(), 1);
+}
+
+/// A lock slower than the ACK timeout: an empty ACK at once, then the outcome as a confirmable
+/// separate response that libcoap acknowledges; ctl follows it too. One actuation each.
+#[test]
+fn a_slow_lock_answers_with_a_confirmable_separate_response() {
+    let (c, _sim, _daemon) = coap_world_with("", |sim| {
+        common::set_lock(sim, 0, "motor_time_ms", toml::Value::Integer(3000))
+    });
+    let t = Instant::now();
+    let (out, err) = c.client(
+        &["-m", "post", "-u", "full", "-k", PSK, "-v", "7"],
+        "/locks/lock-1/unlock",
+    );
+    // libcoap's trace: our empty ACK, our confirmable 2.04 with the outcome, its ACK of it.
+    let trace = format!("{out}{err}");
+    assert!(trace.contains("t:CON c:2.04"), "{trace}");
+    assert!(trace.contains(r#""status":"success""#), "{trace}");
+    assert_eq!(trace.matches("t:ACK c:0.00").count(), 2, "{trace}");
+    assert!(t.elapsed() >= Duration::from_secs(3), "the motor takes 3 s");
+    let cfg = c.world.dir.join("ctl-full.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "endpoint = \"127.0.0.1:{}\"\nidentity = \"full\"\npsk_hex = \"{}\"\n",
+            c.port,
+            hex(PSK)
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_lockbridge"))
+        .args([
+            "ctl",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--json",
+            "lock",
+            "lock-1",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let outcome: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(outcome["state"]["state"], "locked", "{outcome}");
+    assert_eq!(c.world.actuations().len(), 2);
+    std::thread::sleep(Duration::from_millis(500));
+    let log: String = std::fs::read_dir(&c.world.dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("daemon-"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    assert!(!log.contains("never acknowledged"), "{log}");
 }
 
 #[test]

@@ -27,11 +27,81 @@ use crate::supervisor::Request;
 /// Answer before the client's ACK timeout (2 s) would make it retransmit.
 const PIGGYBACK_LIMIT: Duration = Duration::from_millis(1500);
 const DEDUP_CACHE: usize = 32;
+/// Confirmable separate responses: RFC 7252's ACK_TIMEOUT and MAX_RETRANSMIT.
+const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+const MAX_RETRANSMIT: u32 = 4;
+
+/// One authenticated peer, shared by its request loop and the tasks it starts (separate
+/// responses, observations).
+struct Peer {
+    dtls: Arc<DTLSConn>,
+    identity: String,
+    source: std::net::IpAddr,
+    /// Message ids of the messages we originate.
+    next_mid: std::sync::atomic::AtomicU16,
+    /// Confirmable messages of ours waiting for their ACK, by message id.
+    awaiting_ack: Mutex<std::collections::HashMap<u16, Arc<tokio::sync::Notify>>>,
+}
+
+impl Peer {
+    fn mid(&self) -> u16 {
+        self.next_mid
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The client acknowledged (or reset) one of our messages.
+    fn acknowledged(&self, mid: u16) {
+        let waiting = self
+            .awaiting_ack
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&mid);
+        if let Some(n) = waiting {
+            n.notify_one();
+        }
+    }
+
+    /// Send a confirmable message, retransmitting with exponential backoff until it is
+    /// acknowledged or MAX_RETRANSMIT retransmissions went unanswered.
+    async fn send_confirmable(&self, mut packet: Packet) {
+        packet.header.set_type(MessageType::Confirmable);
+        let mid = self.mid();
+        packet.header.message_id = mid;
+        let Ok(bytes) = packet.to_bytes() else { return };
+        let acked = Arc::new(tokio::sync::Notify::new());
+        self.awaiting_ack
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(mid, acked.clone());
+        let mut timeout = ACK_TIMEOUT;
+        for _ in 0..=MAX_RETRANSMIT {
+            if self.dtls.write(&bytes, None).await.is_err() {
+                break;
+            }
+            if tokio::time::timeout(timeout, acked.notified())
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            timeout *= 2;
+        }
+        self.awaiting_ack
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&mid);
+        log::info!(
+            "coap: {} ({}): a separate response was never acknowledged",
+            self.source,
+            self.identity
+        );
+    }
+}
 
 /// Run one peer: handshake with a deadline, then serve requests until it goes idle or leaves.
 pub async fn serve_peer(peer: NewPeer, endpoint: Arc<Endpoint>) {
     let identity = Arc::new(Mutex::new(None));
-    let config = endpoint.dtls_config(identity.clone());
+    let config = endpoint.dtls_config(&peer.suites, identity.clone());
     let conn: Arc<dyn webrtc_util::Conn + Send + Sync> = peer.conn.clone();
     let handshake = DTLSConn::new(conn, config, false, None);
     let dtls = match tokio::time::timeout(endpoint.limits.handshake_timeout, handshake).await {
@@ -57,15 +127,27 @@ pub async fn serve_peer(peer: NewPeer, endpoint: Arc<Endpoint>) {
         .clone()
         .unwrap_or_default();
     log::info!("coap: {} authenticated as {identity:?}", peer.addr);
+    let peer_ctx = Arc::new(Peer {
+        dtls: dtls.clone(),
+        identity: identity.clone(),
+        source: peer.addr.ip(),
+        next_mid: std::sync::atomic::AtomicU16::new(rand_core::RngCore::next_u32(
+            &mut rand_core::OsRng,
+        ) as u16),
+        awaiting_ack: Mutex::new(std::collections::HashMap::new()),
+    });
     let mut recent: VecDeque<(u16, Vec<u8>)> = VecDeque::new();
     // Observations (RFC 7641) by token, ended when the peer leaves.
     let mut observers: std::collections::HashMap<Vec<u8>, tokio::task::JoinHandle<()>> =
         std::collections::HashMap::new();
+    // Separate responses still being worked on; ended when the peer leaves.
+    let mut pending = tokio::task::JoinSet::new();
     // Responses larger than one block (a lock list) go out block-wise (RFC 7959).
     let mut blocks: BlockHandler<std::net::SocketAddr> =
         BlockHandler::new(BlockHandlerConfig::default());
     let mut buf = vec![0u8; 2048];
     loop {
+        while pending.try_join_next().is_some() {}
         let n = match dtls
             .read(&mut buf, Some(endpoint.limits.idle_timeout))
             .await
@@ -80,50 +162,88 @@ pub async fn serve_peer(peer: NewPeer, endpoint: Arc<Endpoint>) {
             continue; // not CoAP: ignored, as RFC 7252 asks for malformed messages
         };
         let mid = packet.header.message_id;
-        if packet.header.get_type() == MessageType::Confirmable {
-            if let Some((_, cached)) = recent.iter().find(|(m, _)| *m == mid) {
-                let _ = dtls.write(cached, None).await;
+        match packet.header.get_type() {
+            MessageType::Acknowledgement | MessageType::Reset => {
+                peer_ctx.acknowledged(mid);
                 continue;
             }
+            MessageType::Confirmable => {
+                if let Some((_, cached)) = recent.iter().find(|(m, _)| *m == mid) {
+                    let _ = dtls.write(cached, None).await;
+                    continue;
+                }
+            }
+            MessageType::NonConfirmable => {}
         }
         if !matches!(packet.header.code, MessageClass::Request(_)) {
-            continue; // ACKs and RSTs for our separate responses
+            continue;
         }
         let mut request = CoapRequest::from_packet(packet, peer.addr);
         let from_cache = blocks.intercept_request(&mut request).unwrap_or(false);
         if !from_cache {
-            let Some(reply) = handle(&endpoint, &identity, request.clone(), dtls.clone()).await
-            else {
-                continue;
+            let reply = match handle(&endpoint, &peer_ctx, request.clone()).await {
+                Some(Reply::Now(p)) => p,
+                Some(Reply::Later { ack, outcome }) => {
+                    pending.spawn(outcome);
+                    match ack {
+                        Some(ack) => {
+                            // Remember the empty ACK so a repeated request gets it again
+                            // instead of starting a second command.
+                            let Ok(bytes) = ack.to_bytes() else { continue };
+                            let _ = dtls.write(&bytes, None).await;
+                            remember(&mut recent, mid, bytes);
+                        }
+                        None => continue,
+                    }
+                    continue;
+                }
+                None => continue,
             };
             if let Some(r) = request.response.as_mut() {
                 r.message = reply;
             }
-            observe(&endpoint, &identity, &mut request, &dtls, &mut observers);
+            observe(&endpoint, &peer_ctx, &mut request, &mut observers);
             let _ = blocks.intercept_response(&mut request);
         }
         let Some(Ok(bytes)) = request.response.as_ref().map(|r| r.message.to_bytes()) else {
             continue;
         };
         let _ = dtls.write(&bytes, None).await;
-        recent.push_back((mid, bytes));
-        if recent.len() > DEDUP_CACHE {
-            recent.pop_front();
-        }
+        remember(&mut recent, mid, bytes);
     }
     for (_, task) in observers {
         task.abort();
     }
+    pending.abort_all();
     let _ = dtls.close().await;
+}
+
+/// Keep the last answers by message id for de-duplication (RFC 7252 §4.5).
+fn remember(recent: &mut VecDeque<(u16, Vec<u8>)>, mid: u16, bytes: Vec<u8>) {
+    recent.push_back((mid, bytes));
+    if recent.len() > DEDUP_CACHE {
+        recent.pop_front();
+    }
+}
+
+/// What a request gets.
+enum Reply {
+    /// A response now (piggybacked on the ACK of a confirmable request).
+    Now(Packet),
+    /// The lock takes longer: an empty ACK now (for a confirmable request) and a separate
+    /// response from `outcome` when the command ends.
+    Later {
+        ack: Option<Packet>,
+        outcome: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    },
 }
 
 /// Register or end an observation of `/locks/{id}` (RFC 7641). A registered client gets the
 /// current view with an Observe number now, then a notification on every change.
 fn observe(
     endpoint: &Arc<Endpoint>,
-    identity: &str,
+    peer: &Arc<Peer>,
     request: &mut CoapRequest<std::net::SocketAddr>,
-    dtls: &Arc<DTLSConn>,
     observers: &mut std::collections::HashMap<Vec<u8>, tokio::task::JoinHandle<()>>,
 ) {
     if *request.get_method() != RequestType::Get {
@@ -153,10 +273,9 @@ fn observe(
             }
             response.message.set_observe_value(0);
             let mut events = endpoint.supervisor.registry().subscribe();
-            let dtls = dtls.clone();
+            let peer = peer.clone();
             let token_for_task = token.clone();
-            let base_mid = request.message.header.message_id;
-            log::info!("coap: {identity} observes {lock}");
+            log::info!("coap: {} observes {lock}", peer.identity);
             let task = tokio::spawn(async move {
                 let mut seq: u32 = 0;
                 loop {
@@ -172,13 +291,13 @@ fn observe(
                     n.header.set_version(1);
                     n.header.set_type(MessageType::NonConfirmable);
                     n.header.code = MessageClass::Response(ResponseType::Content);
-                    n.header.message_id = base_mid.wrapping_add(seq as u16).wrapping_add(0x4000);
+                    n.header.message_id = peer.mid();
                     n.set_token(token_for_task.clone());
                     n.set_observe_value(seq);
                     n.set_content_format(ContentFormat::ApplicationJSON);
                     n.payload = serde_json::to_vec(&view).unwrap_or_default();
                     let Ok(bytes) = n.to_bytes() else { continue };
-                    if dtls.write(&bytes, None).await.is_err() {
+                    if peer.dtls.write(&bytes, None).await.is_err() {
                         return;
                     }
                 }
@@ -217,6 +336,17 @@ struct CommandBody {
     request_id: Option<String>,
 }
 
+/// The response carrying a command's outcome.
+fn outcome_packet(identity: &str, response: CoapResponse, id: String, outcome: Outcome) -> Packet {
+    if matches!(outcome, Outcome::Denied { .. }) {
+        log::warn!("coap: {identity} denied: {outcome:?}");
+    }
+    let status = status_for(&outcome);
+    let mut body = serde_json::to_value(&outcome).unwrap_or_default();
+    body["id"] = serde_json::Value::String(id);
+    json_response(response, status, &body)
+}
+
 /// The CoAP code for an outcome (design §6).
 fn status_for(outcome: &Outcome) -> ResponseType {
     match outcome {
@@ -239,18 +369,19 @@ fn status_for(outcome: &Outcome) -> ResponseType {
 
 async fn handle(
     endpoint: &Endpoint,
-    identity: &str,
+    peer: &Arc<Peer>,
     request: CoapRequest<std::net::SocketAddr>,
-    dtls: Arc<DTLSConn>,
-) -> Option<Packet> {
+) -> Option<Reply> {
     let response = request.response.clone()?;
     let path = request.get_path();
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let method = *request.get_method();
     let sup = &endpoint.supervisor;
     let config = sup.config();
-    let may_read = |lock: &str| config.allows(identity, lock, Action::Read);
-    Some(match (method, segments.as_slice()) {
+    let identity = peer.identity.as_str();
+    let who = crate::config::Who::now(identity, Some(peer.source));
+    let may_read = |lock: &str| config.allows(&who, lock, Action::Read);
+    Some(Reply::Now(match (method, segments.as_slice()) {
         (RequestType::Get, [".well-known", "core"]) => {
             let mut links = vec![
                 "</gateway>;rt=\"lockbridge.gateway\";ct=50".to_string(),
@@ -300,14 +431,18 @@ async fn handle(
         },
         (RequestType::Post, ["locks", id, action]) => {
             let Ok(action) = action.parse::<Action>() else {
-                return Some(error(response, ResponseType::NotFound, "unknown action"));
+                return Some(Reply::Now(error(
+                    response,
+                    ResponseType::NotFound,
+                    "unknown action",
+                )));
             };
             if action == Action::Read {
-                return Some(error(
+                return Some(Reply::Now(error(
                     response,
                     ResponseType::MethodNotAllowed,
                     "use GET to read",
-                ));
+                )));
             }
             let body: CommandBody = if request.message.payload.is_empty() {
                 CommandBody::default()
@@ -315,11 +450,11 @@ async fn handle(
                 match serde_json::from_slice(&request.message.payload) {
                     Ok(b) => b,
                     Err(e) => {
-                        return Some(error(
+                        return Some(Reply::Now(error(
                             response,
                             ResponseType::BadRequest,
                             &format!("bad payload: {e}"),
-                        ));
+                        )));
                     }
                 }
             };
@@ -330,6 +465,7 @@ async fn handle(
                 mode: body.mode.unwrap_or_default(),
                 ttl: None,
                 origin: identity.to_string(),
+                source: Some(peer.source),
             });
             let wait_outcome = async move {
                 while let Some(r) = rx.recv().await {
@@ -339,40 +475,41 @@ async fn handle(
                 }
                 None
             };
-            tokio::pin!(wait_outcome);
+            let mut wait_outcome = Box::pin(wait_outcome);
             let finished = tokio::time::timeout(PIGGYBACK_LIMIT, &mut wait_outcome).await;
-            let outcome_packet = |response: CoapResponse, id: String, outcome: Outcome| {
-                if matches!(outcome, Outcome::Denied { .. }) {
-                    log::warn!("coap: {identity} denied: {outcome:?}");
-                }
-                let status = status_for(&outcome);
-                let mut body = serde_json::to_value(&outcome).unwrap_or_default();
-                body["id"] = serde_json::Value::String(id);
-                json_response(response, status, &body)
-            };
             match finished {
-                Ok(Some((id, outcome))) => outcome_packet(response, id, outcome),
+                Ok(Some((id, outcome))) => outcome_packet(identity, response, id, outcome),
                 Ok(None) => error(response, ResponseType::InternalServerError, "no outcome"),
                 Err(_) => {
-                    // Separate response: an empty ACK now, the outcome when it comes.
-                    let mut ack = Packet::new();
-                    ack.header.set_version(1);
-                    ack.header.set_type(MessageType::Acknowledgement);
-                    ack.header.code = MessageClass::Empty;
-                    ack.header.message_id = request.message.header.message_id;
-                    if let Ok(bytes) = ack.to_bytes() {
-                        let _ = dtls.write(&bytes, None).await;
-                    }
-                    if let Some((id, outcome)) = wait_outcome.await {
-                        let mut separate = outcome_packet(response, id, outcome);
-                        separate.header.set_type(MessageType::NonConfirmable);
-                        separate.header.message_id =
-                            request.message.header.message_id.wrapping_add(0x8000);
-                        if let Ok(bytes) = separate.to_bytes() {
-                            let _ = dtls.write(&bytes, None).await;
+                    // Separate response (RFC 7252 §5.2.2): an empty ACK now, the outcome as
+                    // its own exchange when the command ends.
+                    let confirmable = request.message.header.get_type() == MessageType::Confirmable;
+                    let ack = confirmable.then(|| {
+                        let mut ack = Packet::new();
+                        ack.header.set_version(1);
+                        ack.header.set_type(MessageType::Acknowledgement);
+                        ack.header.code = MessageClass::Empty;
+                        ack.header.message_id = request.message.header.message_id;
+                        ack
+                    });
+                    let peer = peer.clone();
+                    let outcome = Box::pin(async move {
+                        let Some((id, outcome)) = wait_outcome.await else {
+                            return;
+                        };
+                        let separate = outcome_packet(&peer.identity, response, id, outcome);
+                        if confirmable {
+                            peer.send_confirmable(separate).await;
+                        } else {
+                            let mut p = separate;
+                            p.header.set_type(MessageType::NonConfirmable);
+                            p.header.message_id = peer.mid();
+                            if let Ok(bytes) = p.to_bytes() {
+                                let _ = peer.dtls.write(&bytes, None).await;
+                            }
                         }
-                    }
-                    return None;
+                    });
+                    return Some(Reply::Later { ack, outcome });
                 }
             }
         }
@@ -382,5 +519,5 @@ async fn handle(
             "method not allowed",
         ),
         _ => error(response, ResponseType::NotFound, "no such resource"),
-    })
+    }))
 }

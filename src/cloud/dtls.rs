@@ -61,6 +61,34 @@ pub fn is_client_hello(datagram: &[u8]) -> bool {
         && datagram[RECORD_HEADER] == HS_CLIENT_HELLO
 }
 
+/// The cipher suites a ClientHello offers (empty when the datagram is not an unfragmented
+/// ClientHello). The endpoint picks the PSK or the certificate configuration from them.
+pub fn offered_suites(datagram: &[u8]) -> Vec<u16> {
+    fn parse(d: &[u8]) -> Option<Vec<u16>> {
+        let body = d.get(RECORD_HEADER..)?;
+        // handshake header: type, length(3), message_seq(2), fragment_offset(3), fragment_length(3)
+        if *body.first()? != HS_CLIENT_HELLO || body.get(6..9)? != [0, 0, 0] {
+            return None;
+        }
+        let mut at = 12 + 2 + 32; // header, client_version, random
+        let session_id = *body.get(at)? as usize;
+        at += 1 + session_id;
+        let cookie = *body.get(at)? as usize;
+        at += 1 + cookie;
+        let len = u16::from_be_bytes([*body.get(at)?, *body.get(at + 1)?]) as usize;
+        let list = body.get(at + 2..at + 2 + len)?;
+        Some(
+            list.chunks_exact(2)
+                .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                .collect(),
+        )
+    }
+    if !is_client_hello(datagram) {
+        return Vec::new();
+    }
+    parse(datagram).unwrap_or_default()
+}
+
 /// A datagram that belongs to the handshake: the client repeating a flight.
 fn is_handshake_flight(datagram: &[u8]) -> bool {
     datagram
@@ -199,6 +227,8 @@ impl webrtc_util::Conn for PeerConn {
 
 /// What the demultiplexer gives a new peer's task.
 pub struct NewPeer {
+    /// Cipher suites of the client's first ClientHello.
+    pub suites: Vec<u16>,
     pub conn: Arc<PeerConn>,
     pub state: Arc<PeerState>,
     pub addr: SocketAddr,
@@ -309,6 +339,7 @@ pub async fn demultiplex<F, Fut>(
             flights: Mutex::new(Flights::default()),
         });
         let fut = spawn_peer(NewPeer {
+            suites: offered_suites(datagram),
             conn,
             state: state.clone(),
             addr,

@@ -4,6 +4,7 @@
 //! per handshake, caps, eviction, final-flight resend); [`coap`] serves the resources to each
 //! authenticated peer, with the client's identity as the command origin for permissions.
 
+pub mod certs;
 pub mod coap;
 pub mod dtls;
 
@@ -14,7 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::UdpSocket;
 use webrtc_dtls::cipher_suite::CipherSuiteId;
-use webrtc_dtls::config::{Config as DtlsConfig, ExtendedMasterSecretType};
+use webrtc_dtls::config::{ClientAuthType, Config as DtlsConfig, ExtendedMasterSecretType};
 use zeroize::Zeroizing;
 
 use crate::config::Config;
@@ -27,6 +28,9 @@ impl Psks {
     pub fn from_config(config: &Config) -> anyhow::Result<Psks> {
         let mut map = HashMap::new();
         for (i, c) in config.coap.clients.iter().enumerate() {
+            if c.auth() != Ok(crate::config::ClientAuth::Psk) {
+                continue;
+            }
             let key = c
                 .psk(&config.gateway.state_dir)
                 .map_err(|e| anyhow::anyhow!("coap.clients[{i}] ({}): {e}", c.identity))?;
@@ -45,15 +49,24 @@ impl Psks {
 pub struct Endpoint {
     pub supervisor: Arc<Supervisor>,
     pub psks: Arc<Psks>,
+    /// The gateway's certificate and the client check, when certificate clients are configured.
+    pub certs: Option<(webrtc_dtls::crypto::Certificate, Arc<certs::ClientCerts>)>,
     pub limits: dtls::Limits,
     pub stats: Arc<dtls::Stats>,
     pub started: std::time::Instant,
 }
 
 impl Endpoint {
-    /// A DTLS server configuration for one handshake; the client's PSK identity is written
-    /// into `identity` when the client names it.
-    pub fn dtls_config(&self, identity: Arc<Mutex<Option<String>>>) -> DtlsConfig {
+    /// The DTLS server configuration for a client offering `suites`: the certificate one when
+    /// it offers ECDHE-ECDSA and no PSK suite, else the PSK one. The client's identity (PSK
+    /// identity or certificate client) is written into `identity` when it is known.
+    pub fn dtls_config(&self, suites: &[u16], identity: Arc<Mutex<Option<String>>>) -> DtlsConfig {
+        let offers = |list: &[CipherSuiteId]| list.iter().any(|s| suites.contains(&(*s as u16)));
+        if let Some((certificate, clients)) = &self.certs {
+            if offers(&ECDSA_SUITES) && !offers(&PSK_SUITES) {
+                return certificate_config(certificate.clone(), clients.clone(), identity);
+            }
+        }
         let psks = self.psks.clone();
         DtlsConfig {
             psk: Some(Arc::new(move |id: &[u8]| {
@@ -68,14 +81,43 @@ impl Endpoint {
                 Ok(key)
             })),
             psk_identity_hint: Some(b"lockbridge".to_vec()),
-            cipher_suites: vec![
-                CipherSuiteId::Tls_Psk_With_Aes_128_Gcm_Sha256,
-                CipherSuiteId::Tls_Psk_With_Aes_128_Ccm_8,
-                CipherSuiteId::Tls_Psk_With_Aes_128_Ccm,
-            ],
+            cipher_suites: PSK_SUITES.to_vec(),
             extended_master_secret: ExtendedMasterSecretType::Require,
             ..Default::default()
         }
+    }
+}
+
+const PSK_SUITES: [CipherSuiteId; 3] = [
+    CipherSuiteId::Tls_Psk_With_Aes_128_Gcm_Sha256,
+    CipherSuiteId::Tls_Psk_With_Aes_128_Ccm_8,
+    CipherSuiteId::Tls_Psk_With_Aes_128_Ccm,
+];
+
+const ECDSA_SUITES: [CipherSuiteId; 3] = [
+    CipherSuiteId::Tls_Ecdhe_Ecdsa_With_Aes_128_Gcm_Sha256,
+    CipherSuiteId::Tls_Ecdhe_Ecdsa_With_Aes_128_Ccm_8,
+    CipherSuiteId::Tls_Ecdhe_Ecdsa_With_Aes_128_Ccm,
+];
+
+/// ECDHE-ECDSA with a client certificate required: webrtc-dtls checks the client's
+/// CertificateVerify signature, [`certs::ClientCerts`] decides whose key it is.
+fn certificate_config(
+    certificate: webrtc_dtls::crypto::Certificate,
+    clients: Arc<certs::ClientCerts>,
+    identity: Arc<Mutex<Option<String>>>,
+) -> DtlsConfig {
+    DtlsConfig {
+        certificates: vec![certificate],
+        cipher_suites: ECDSA_SUITES.to_vec(),
+        client_auth: ClientAuthType::RequireAnyClientCert,
+        verify_peer_certificate: Some(Arc::new(move |chain: &[Vec<u8>], _| {
+            let id = clients.identify(chain).map_err(webrtc_dtls::Error::Other)?;
+            *identity.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
+            Ok(())
+        })),
+        extended_master_secret: ExtendedMasterSecretType::Require,
+        ..Default::default()
     }
 }
 
@@ -88,6 +130,19 @@ pub async fn start(
         return Ok(None);
     }
     let psks = Arc::new(Psks::from_config(config)?);
+    let clients = Arc::new(certs::ClientCerts::from_config(config)?);
+    let certs = match (&config.coap.certificate, &config.coap.private_key) {
+        (Some(cert), Some(key)) => {
+            let dir = &config.gateway.state_dir;
+            let identity = certs::load_identity(&dir.join(cert), &dir.join(key))
+                .context("coap.certificate / coap.private_key")?;
+            Some((identity, clients))
+        }
+        _ if clients.any() => {
+            anyhow::bail!("certificate clients need coap.certificate and coap.private_key")
+        }
+        _ => None,
+    };
     let socket = UdpSocket::bind(&config.coap.listen)
         .await
         .with_context(|| format!("coap.listen {}", config.coap.listen))?;
@@ -95,6 +150,7 @@ pub async fn start(
     let endpoint = Arc::new(Endpoint {
         supervisor,
         psks,
+        certs,
         limits: dtls::Limits {
             handshake_timeout: Duration::from_secs(config.coap.handshake_timeout_s),
             idle_timeout: Duration::from_secs(config.coap.idle_timeout_s),
