@@ -222,7 +222,7 @@ impl Default for Coap {
     fn default() -> Self {
         Coap {
             listen: String::new(),
-            handshake_timeout_s: 10,
+            handshake_timeout_s: 20,
             idle_timeout_s: 300,
             max_peers: 4096,
             max_half_open: 256,

@@ -14,24 +14,11 @@ use serde_json::Value;
 
 use common::World;
 
-const PSK: &str = "lockbridge-test-psk-0001";
-const READER_PSK: &str = "lockbridge-reader-psk-01";
+use common::{PSK, READER_PSK, free_udp_port, hex};
 
 struct Coap {
     world: World,
     port: u16,
-}
-
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn hex(s: &str) -> String {
-    s.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A one-lock world with CoAP on loopback: `full` may do everything, `reader` may only read.
@@ -44,21 +31,7 @@ fn coap_world_with(
     sim: impl FnOnce(&mut toml::Table),
 ) -> (Coap, common::Proc, common::Proc) {
     let world = World::new(1, sim);
-    let port = free_udp_port();
-    world.edit_daemon_config(|t| {
-        // Replace the demo's CoAP section and permissions with this test's.
-        let t = t.split("\n[coap]").next().unwrap_or_default().to_string();
-        format!(
-            "{t}\n[coap]\nlisten = \"127.0.0.1:{port}\"\n{extra}\n\
-             [[coap.clients]]\nidentity = \"full\"\npsk_hex = \"{}\"\n\
-             [[coap.clients]]\nidentity = \"reader\"\npsk_hex = \"{}\"\n\
-             [[permissions]]\norigin = \"cli\"\nactions = [\"read\", \"lock\", \"unlock\", \"pull\"]\n\
-             [[permissions]]\norigin = \"full\"\nactions = [\"read\", \"lock\", \"unlock\", \"pull\"]\n\
-             [[permissions]]\norigin = \"reader\"\nactions = [\"read\"]\n",
-            hex(PSK),
-            hex(READER_PSK)
-        )
-    });
+    let port = world.serve_coap(extra);
     let sim = world.sim();
     let daemon = world.daemon();
     (Coap { world, port }, sim, daemon)

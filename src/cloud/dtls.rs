@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,7 +43,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(300),
             max_peers: 4096,
             max_half_open: 256,
@@ -89,6 +89,17 @@ pub fn offered_suites(datagram: &[u8]) -> Vec<u16> {
     parse(datagram).unwrap_or_default()
 }
 
+/// A ClientHello without a cookie: a first one, which anybody can send from any address.
+fn hello_cookie_is_empty(datagram: &[u8]) -> bool {
+    let body = &datagram[RECORD_HEADER..];
+    let at = 12 + 2 + 32;
+    let Some(&session_id) = body.get(at) else {
+        return true;
+    };
+    body.get(at + 1 + session_id as usize)
+        .is_none_or(|len| *len == 0)
+}
+
 /// A datagram that belongs to the handshake: the client repeating a flight.
 fn is_handshake_flight(datagram: &[u8]) -> bool {
     datagram
@@ -100,19 +111,40 @@ const HANDSHAKING: u8 = 0;
 const ESTABLISHED: u8 = 1;
 const CLOSED: u8 = 2;
 
-/// A peer's state, shared between the demultiplexer and the peer's task.
-#[derive(Default)]
-pub struct PeerState(AtomicU8);
+/// A peer's state, shared between the demultiplexer and the peer's task. Leaving the
+/// handshaking state counts the peer out of the endpoint's half-open handshakes.
+pub struct PeerState {
+    state: AtomicU8,
+    half_open: Arc<AtomicUsize>,
+}
 
 impl PeerState {
+    fn new(half_open: Arc<AtomicUsize>) -> PeerState {
+        half_open.fetch_add(1, Ordering::SeqCst);
+        PeerState {
+            state: AtomicU8::new(HANDSHAKING),
+            half_open,
+        }
+    }
+
     pub fn set_established(&self) {
-        self.0.store(ESTABLISHED, Ordering::SeqCst);
+        if self
+            .state
+            .compare_exchange(HANDSHAKING, ESTABLISHED, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            self.half_open.fetch_sub(1, Ordering::SeqCst);
+        }
     }
+
     fn get(&self) -> u8 {
-        self.0.load(Ordering::SeqCst)
+        self.state.load(Ordering::SeqCst)
     }
+
     fn set_closed(&self) {
-        self.0.store(CLOSED, Ordering::SeqCst);
+        if self.state.swap(CLOSED, Ordering::SeqCst) == HANDSHAKING {
+            self.half_open.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -238,7 +270,17 @@ struct Entry {
     tx: mpsc::Sender<Vec<u8>>,
     state: Arc<PeerState>,
     generation: u64,
+    /// The client answered the HelloVerifyRequest with a ClientHello carrying a cookie: its
+    /// address is real (a wrong cookie ends the handshake). Spoofed ClientHellos never get there.
+    verified: bool,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.state.set_closed();
+    }
 }
 
 /// Counters for metrics and benchmarks.
@@ -247,11 +289,19 @@ pub struct Stats {
     pub dropped_unknown: std::sync::atomic::AtomicU64,
     pub dropped_half_open_cap: std::sync::atomic::AtomicU64,
     pub dropped_peer_cap: std::sync::atomic::AtomicU64,
+    /// Handshakes that never sent a second datagram, evicted to make room.
+    pub evicted_unverified: std::sync::atomic::AtomicU64,
     pub replaced: std::sync::atomic::AtomicU64,
     pub peers: std::sync::atomic::AtomicU64,
 }
 
 /// Receive on `socket` forever, creating a task per peer with `spawn_peer`.
+///
+/// A spoofed ClientHello comes from an address that never sees the HelloVerifyRequest, so a
+/// handshake whose client has not yet returned the cookie is *unverified*. When the half-open
+/// cap is reached, the oldest unverified handshake makes room for the new one: a flood of
+/// spoofed ClientHellos churns through those slots while a real client, whose ClientHello with
+/// the cookie follows within a round trip, keeps its place.
 pub async fn demultiplex<F, Fut>(
     socket: Arc<UdpSocket>,
     limits: Limits,
@@ -269,6 +319,10 @@ pub async fn demultiplex<F, Fut>(
         }
     };
     let mut peers: HashMap<SocketAddr, Entry> = HashMap::new();
+    let half_open = Arc::new(AtomicUsize::new(0));
+    // Unverified handshakes in the order they came, for eviction.
+    let mut unverified: std::collections::VecDeque<(SocketAddr, u64)> =
+        std::collections::VecDeque::new();
     let (ended_tx, mut ended) = mpsc::unbounded_channel::<(SocketAddr, u64)>();
     let mut generation = 0u64;
     let mut buf = vec![0u8; 2048];
@@ -291,23 +345,27 @@ pub async fn demultiplex<F, Fut>(
             }
             _ = sweep.tick() => {
                 peers.retain(|_, e| e.state.get() != CLOSED && !e.task.is_finished());
+                unverified.retain(|(a, g)| {
+                    peers.get(a).is_some_and(|e| e.generation == *g && !e.verified)
+                });
                 stats.peers.store(peers.len() as u64, Ordering::Relaxed);
                 continue;
             }
         };
         let datagram = &buf[..n];
         let hello = is_client_hello(datagram);
-        if let Some(e) = peers.get(&addr) {
+        if let Some(e) = peers.get_mut(&addr) {
             let replace = hello && e.state.get() == ESTABLISHED;
             if !replace && e.state.get() != CLOSED {
+                // Only the cookie proves the address; a wrong one ends the handshake at once.
+                e.verified |= hello && !hello_cookie_is_empty(datagram);
                 // A full inbox drops the datagram: DTLS retransmits what matters.
                 let _ = e.tx.try_send(datagram.to_vec());
                 continue;
             }
             // A fresh ClientHello from an address with a finished session: the client
             // reconnected from the same port. The new handshake replaces the old peer.
-            if let Some(old) = peers.remove(&addr) {
-                old.task.abort();
+            if peers.remove(&addr).is_some() && replace {
                 stats.replaced.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -315,13 +373,23 @@ pub async fn demultiplex<F, Fut>(
             stats.dropped_unknown.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        let half_open = peers
-            .values()
-            .filter(|e| e.state.get() == HANDSHAKING)
-            .count();
-        if half_open >= limits.max_half_open {
-            stats.dropped_half_open_cap.fetch_add(1, Ordering::Relaxed);
-            continue;
+        if half_open.load(Ordering::SeqCst) >= limits.max_half_open {
+            // Make room by evicting the oldest handshake that never sent a second datagram.
+            let mut evicted = false;
+            while let Some((a, g)) = unverified.pop_front() {
+                if peers.get(&a).is_some_and(|e| {
+                    e.generation == g && !e.verified && e.state.get() == HANDSHAKING
+                }) {
+                    peers.remove(&a);
+                    stats.evicted_unverified.fetch_add(1, Ordering::Relaxed);
+                    evicted = true;
+                    break;
+                }
+            }
+            if !evicted {
+                stats.dropped_half_open_cap.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
         }
         if peers.len() >= limits.max_peers {
             stats.dropped_peer_cap.fetch_add(1, Ordering::Relaxed);
@@ -330,7 +398,7 @@ pub async fn demultiplex<F, Fut>(
         generation += 1;
         let (tx, rx) = mpsc::channel(limits.inbox);
         let _ = tx.try_send(datagram.to_vec());
-        let state = Arc::new(PeerState::default());
+        let state = Arc::new(PeerState::new(half_open.clone()));
         let conn = Arc::new(PeerConn {
             socket: socket.clone(),
             local,
@@ -358,9 +426,11 @@ pub async fn demultiplex<F, Fut>(
                 tx,
                 state,
                 generation: g,
+                verified: false,
                 task,
             },
         );
+        unverified.push_back((addr, g));
         stats.peers.store(peers.len() as u64, Ordering::Relaxed);
     }
 }
@@ -379,5 +449,49 @@ mod tests {
         d[13] = 2; // ServerHello
         assert!(!is_client_hello(&d));
         assert!(!is_client_hello(&[23, 0xFE, 0xFD]));
+    }
+
+    /// A ClientHello record with `cookie`, offering `suites`.
+    fn hello(cookie: &[u8], suites: &[u16]) -> Vec<u8> {
+        let mut body = vec![0xFE, 0xFD];
+        body.extend_from_slice(&[9; 32]);
+        body.push(0);
+        body.push(cookie.len() as u8);
+        body.extend_from_slice(cookie);
+        body.extend_from_slice(&((suites.len() * 2) as u16).to_be_bytes());
+        for s in suites {
+            body.extend_from_slice(&s.to_be_bytes());
+        }
+        body.extend_from_slice(&[1, 0]);
+        let len = body.len() as u32;
+        let mut hs = vec![HS_CLIENT_HELLO];
+        hs.extend_from_slice(&len.to_be_bytes()[1..]);
+        hs.extend_from_slice(&[0, 0, 0, 0, 0]);
+        hs.extend_from_slice(&len.to_be_bytes()[1..]);
+        hs.extend_from_slice(&body);
+        let mut d = vec![CT_HANDSHAKE, 0xFE, 0xFD, 0, 0, 0, 0, 0, 0, 0, 0];
+        d.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+        d.extend_from_slice(&hs);
+        d
+    }
+
+    #[test]
+    fn suites_and_cookie_are_read_from_a_client_hello() {
+        let first = hello(&[], &[0xC02B, 0x00A8]);
+        assert_eq!(offered_suites(&first), vec![0xC02B, 0x00A8]);
+        assert!(hello_cookie_is_empty(&first));
+        let second = hello(&[1; 20], &[0xC0AE]);
+        assert_eq!(offered_suites(&second), vec![0xC0AE]);
+        assert!(!hello_cookie_is_empty(&second));
+        // Truncated or fragmented: no suites, never a panic.
+        for cut in 0..first.len() {
+            let _ = offered_suites(&first[..cut]);
+            if is_client_hello(&first[..cut]) {
+                let _ = hello_cookie_is_empty(&first[..cut]);
+            }
+        }
+        let mut fragment = first.clone();
+        fragment[RECORD_HEADER + 8] = 1; // fragment_offset != 0
+        assert!(offered_suites(&fragment).is_empty());
     }
 }

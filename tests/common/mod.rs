@@ -160,6 +160,27 @@ impl World {
         self.daemon_with_env(&[])
     }
 
+    /// Replace the demo's CoAP section and permissions: CoAP on a free loopback port (returned),
+    /// `full` (key [`PSK`]) may do everything, `reader` (key [`READER_PSK`]) may only read;
+    /// `extra` goes into `[coap]`.
+    pub fn serve_coap(&self, extra: &str) -> u16 {
+        let port = free_udp_port();
+        self.edit_daemon_config(|t| {
+            let t = t.split("\n[coap]").next().unwrap_or_default().to_string();
+            format!(
+                "{t}\n[coap]\nlisten = \"127.0.0.1:{port}\"\n{extra}\n\
+                 [[coap.clients]]\nidentity = \"full\"\npsk_hex = \"{}\"\n\
+                 [[coap.clients]]\nidentity = \"reader\"\npsk_hex = \"{}\"\n\
+                 [[permissions]]\norigin = \"cli\"\nactions = [\"read\", \"lock\", \"unlock\", \"pull\"]\n\
+                 [[permissions]]\norigin = \"full\"\nactions = [\"read\", \"lock\", \"unlock\", \"pull\"]\n\
+                 [[permissions]]\norigin = \"reader\"\nactions = [\"read\"]\n",
+                hex(PSK),
+                hex(READER_PSK)
+            )
+        });
+        port
+    }
+
     /// The lock's record of every actuating command it received.
     pub fn actuations(&self) -> Vec<Value> {
         let path = self.dir.join("events.jsonl");
@@ -207,6 +228,22 @@ impl World {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Keys of the CoAP clients [`World::serve_coap`] configures (printable, as libcoap wants).
+pub const PSK: &str = "lockbridge-test-psk-0001";
+pub const READER_PSK: &str = "lockbridge-reader-psk-01";
+
+pub fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub struct Proc(pub Child);

@@ -1,0 +1,787 @@
+//! The DTLS layer under hostile and lossy networks, against the real daemon and simulator:
+//!
+//! - the webrtc-dtls listener faults lockbridge's layer fixes, each checked against lockbridge
+//!   **and** against a plain `DTLSListener`, where the same check must fail — so these tests
+//!   can tell a fixed layer from a broken one;
+//! - negative protocol tests from the DTLS state-fuzzing literature (Fiterau-Brostean et al.,
+//!   USENIX Security 2020): records out of order or after the end of a session never crash the
+//!   server and never yield application data;
+//! - 200 handshakes and commands through a seeded UDP fault proxy dropping 20 % of datagrams
+//!   each way, with duplicates and reordering.
+
+#![allow(clippy::unwrap_used, clippy::print_stdout)] // test code
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand_chacha::ChaCha8Rng;
+use rand_core::{RngCore, SeedableRng};
+use tokio::net::UdpSocket;
+use webrtc_dtls::cipher_suite::CipherSuiteId;
+use webrtc_dtls::config::{Config as DtlsConfig, ExtendedMasterSecretType};
+use webrtc_dtls::conn::DTLSConn;
+use webrtc_util::conn::Listener;
+
+use common::{PSK, World};
+
+const CT_CCS: u8 = 20;
+const CT_ALERT: u8 = 21;
+const CT_HANDSHAKE: u8 = 22;
+const CT_APP_DATA: u8 = 23;
+
+// ---------------------------------------------------------------------------------------------
+// A seeded UDP fault proxy: one upstream socket per client address, so the server sees each
+// client as its own peer.
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Dir {
+    ToServer,
+    ToClient,
+}
+
+type Filter = Arc<dyn Fn(Dir, &[u8]) -> bool + Send + Sync>;
+
+#[derive(Clone, Default)]
+struct Faults {
+    loss: f64,
+    duplicate: f64,
+    /// Held back 20–60 ms, so later datagrams overtake it.
+    reorder: f64,
+    seed: u64,
+    /// Drop a datagram when this says so (before the random faults).
+    drop_if: Option<Filter>,
+}
+
+struct Proxy {
+    addr: SocketAddr,
+    inner: Arc<ProxyInner>,
+}
+
+struct ProxyInner {
+    front: UdpSocket,
+    server: SocketAddr,
+    faults: Faults,
+    rng: Mutex<ChaCha8Rng>,
+    upstreams: Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>,
+    /// Every datagram that reached the other side, by client and direction.
+    delivered: Mutex<Vec<(SocketAddr, Dir, Vec<u8>)>>,
+}
+
+impl ProxyInner {
+    fn chance(&self, p: f64) -> bool {
+        p > 0.0 && (self.rng.lock().unwrap().next_u32() as f64 / u32::MAX as f64) < p
+    }
+
+    /// Forward one datagram with the configured faults.
+    fn forward(self: &Arc<Self>, client: SocketAddr, dir: Dir, data: Vec<u8>) {
+        if self.faults.drop_if.as_ref().is_some_and(|f| f(dir, &data))
+            || self.chance(self.faults.loss)
+        {
+            return;
+        }
+        let copies = if self.chance(self.faults.duplicate) {
+            2
+        } else {
+            1
+        };
+        let delay = self
+            .chance(self.faults.reorder)
+            .then(|| Duration::from_millis(20 + (self.rng.lock().unwrap().next_u32() % 40) as u64));
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Some(d) = delay {
+                tokio::time::sleep(d).await;
+            }
+            for _ in 0..copies {
+                me.send(client, dir, &data).await;
+            }
+        });
+    }
+
+    async fn send(&self, client: SocketAddr, dir: Dir, data: &[u8]) {
+        let ok = match dir {
+            Dir::ToServer => {
+                let up = self.upstreams.lock().unwrap().get(&client).cloned();
+                match up {
+                    Some(up) => up.send(data).await.is_ok(),
+                    None => false,
+                }
+            }
+            Dir::ToClient => self.front.send_to(data, client).await.is_ok(),
+        };
+        if ok {
+            self.delivered
+                .lock()
+                .unwrap()
+                .push((client, dir, data.to_vec()));
+        }
+    }
+}
+
+impl Proxy {
+    async fn start(server: SocketAddr, faults: Faults) -> Proxy {
+        let front = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let inner = Arc::new(ProxyInner {
+            front,
+            server,
+            rng: Mutex::new(ChaCha8Rng::seed_from_u64(faults.seed)),
+            faults,
+            upstreams: Mutex::new(HashMap::new()),
+            delivered: Mutex::new(Vec::new()),
+        });
+        let me = inner.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let Ok((n, client)) = me.front.recv_from(&mut buf).await else {
+                    return;
+                };
+                me.upstream(client).await;
+                me.forward(client, Dir::ToServer, buf[..n].to_vec());
+            }
+        });
+        Proxy { addr, inner }
+    }
+
+    /// Send `data` to the server as if `client` had sent it, without faults.
+    async fn inject(&self, client: SocketAddr, data: &[u8]) {
+        self.inner.send(client, Dir::ToServer, data).await;
+    }
+
+    fn delivered(&self, client: SocketAddr, dir: Dir) -> Vec<Vec<u8>> {
+        let all = self.inner.delivered.lock().unwrap();
+        all.iter()
+            .filter(|(c, d, _)| *c == client && *d == dir)
+            .map(|(_, _, data)| data.clone())
+            .collect()
+    }
+}
+
+impl ProxyInner {
+    /// The upstream socket of `client`, made on its first datagram.
+    async fn upstream(self: &Arc<Self>, client: SocketAddr) -> Arc<UdpSocket> {
+        if let Some(up) = self.upstreams.lock().unwrap().get(&client) {
+            return up.clone();
+        }
+        let up = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        up.connect(self.server).await.unwrap();
+        self.upstreams.lock().unwrap().insert(client, up.clone());
+        let me = self.clone();
+        let reader = up.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = reader.recv(&mut buf).await {
+                me.forward(client, Dir::ToClient, buf[..n].to_vec());
+            }
+        });
+        up
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// DTLS records by hand.
+
+/// (content type, epoch, fragment) of every record in a datagram.
+fn records(datagram: &[u8]) -> Vec<(u8, u16, &[u8])> {
+    let mut out = Vec::new();
+    let mut rest = datagram;
+    while rest.len() >= 13 {
+        let len = u16::from_be_bytes([rest[11], rest[12]]) as usize;
+        let Some(fragment) = rest.get(13..13 + len) else {
+            break;
+        };
+        out.push((rest[0], u16::from_be_bytes([rest[3], rest[4]]), fragment));
+        rest = &rest[13 + len..];
+    }
+    out
+}
+
+fn record(content_type: u8, epoch: u16, seq: u64, fragment: &[u8]) -> Vec<u8> {
+    let mut r = vec![content_type, 0xFE, 0xFD];
+    r.extend_from_slice(&epoch.to_be_bytes());
+    r.extend_from_slice(&seq.to_be_bytes()[2..]);
+    r.extend_from_slice(&(fragment.len() as u16).to_be_bytes());
+    r.extend_from_slice(fragment);
+    r
+}
+
+fn u24(n: usize) -> [u8; 3] {
+    let b = (n as u32).to_be_bytes();
+    [b[1], b[2], b[3]]
+}
+
+fn handshake(epoch: u16, seq: u64, msg_type: u8, msg_seq: u16, body: &[u8]) -> Vec<u8> {
+    let mut h = vec![msg_type];
+    h.extend_from_slice(&u24(body.len()));
+    h.extend_from_slice(&msg_seq.to_be_bytes());
+    h.extend_from_slice(&u24(0));
+    h.extend_from_slice(&u24(body.len()));
+    h.extend_from_slice(body);
+    record(CT_HANDSHAKE, epoch, seq, &h)
+}
+
+/// A PSK ClientHello (TLS_PSK_WITH_AES_128_GCM_SHA256, extended master secret).
+fn client_hello(epoch: u16, seq: u64, msg_seq: u16, cookie: &[u8]) -> Vec<u8> {
+    let mut b = vec![0xFE, 0xFD];
+    b.extend_from_slice(&[7u8; 32]);
+    b.push(0);
+    b.push(cookie.len() as u8);
+    b.extend_from_slice(cookie);
+    b.extend_from_slice(&[0, 2, 0x00, 0xA8, 1, 0]);
+    b.extend_from_slice(&[0, 4, 0x00, 0x17, 0, 0]);
+    handshake(epoch, seq, 1, msg_seq, &b)
+}
+
+/// A raw client on its own socket that speaks records by hand.
+struct Raw {
+    socket: UdpSocket,
+    seq: u64,
+}
+
+impl Raw {
+    async fn new(server: SocketAddr) -> Raw {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        socket.connect(server).await.unwrap();
+        Raw { socket, seq: 0 }
+    }
+
+    async fn send(&mut self, make: impl FnOnce(u64) -> Vec<u8>) {
+        let d = make(self.seq);
+        self.seq += 1;
+        self.socket.send(&d).await.unwrap();
+    }
+
+    /// Every datagram that arrives within `wait`.
+    async fn receive(&self, wait: Duration) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 4096];
+        let end = tokio::time::Instant::now() + wait;
+        while let Ok(Ok(n)) = tokio::time::timeout_at(end, self.socket.recv(&mut buf)).await {
+            out.push(buf[..n].to_vec());
+        }
+        out
+    }
+
+    /// ClientHello, HelloVerifyRequest, ClientHello with the cookie: returns the server's
+    /// flight 4 (ServerHello … ServerHelloDone).
+    async fn start_handshake(&mut self) -> Vec<Vec<u8>> {
+        self.send(|s| client_hello(0, s, 0, &[])).await;
+        let hvr = self.receive(Duration::from_millis(500)).await;
+        let cookie = hvr
+            .iter()
+            .flat_map(|d| records(d))
+            .find(|(ct, _, f)| *ct == CT_HANDSHAKE && f.first() == Some(&3))
+            .map(|(_, _, f)| {
+                let len = f[14] as usize;
+                f[15..15 + len].to_vec()
+            })
+            .expect("a HelloVerifyRequest");
+        self.send(|s| client_hello(0, s, 1, &cookie)).await;
+        self.receive(Duration::from_millis(500)).await
+    }
+}
+
+/// Content types the server sent in `datagrams`.
+fn types(datagrams: &[Vec<u8>]) -> Vec<u8> {
+    datagrams
+        .iter()
+        .flat_map(|d| records(d).into_iter().map(|(ct, _, _)| ct))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients and servers.
+
+fn psk_client_config(key: &'static str) -> DtlsConfig {
+    DtlsConfig {
+        psk: Some(Arc::new(move |_: &[u8]| Ok(key.as_bytes().to_vec()))),
+        psk_identity_hint: Some(b"full".to_vec()),
+        cipher_suites: vec![CipherSuiteId::Tls_Psk_With_Aes_128_Gcm_Sha256],
+        extended_master_secret: ExtendedMasterSecretType::Require,
+        server_name: "lockbridge".into(),
+        ..Default::default()
+    }
+}
+
+/// A webrtc-dtls PSK handshake from `socket` to `server`, given up after `limit`.
+async fn handshake_from(
+    socket: UdpSocket,
+    server: SocketAddr,
+    key: &'static str,
+    limit: Duration,
+) -> Result<DTLSConn, String> {
+    socket.connect(server).await.unwrap();
+    let hs = DTLSConn::new(Arc::new(socket), psk_client_config(key), true, None);
+    match tokio::time::timeout(limit, hs).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no handshake within {limit:?}")),
+    }
+}
+
+async fn handshake_to(server: SocketAddr, limit: Duration) -> Result<DTLSConn, String> {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    handshake_from(socket, server, PSK, limit).await
+}
+
+/// webrtc-dtls's own listener, as a server without lockbridge's layer, accepting in a loop.
+async fn plain_listener() -> SocketAddr {
+    let port = common::free_udp_port();
+    let config = DtlsConfig {
+        psk: Some(Arc::new(|_: &[u8]| Ok(PSK.as_bytes().to_vec()))),
+        psk_identity_hint: Some(b"lockbridge".to_vec()),
+        cipher_suites: vec![CipherSuiteId::Tls_Psk_With_Aes_128_Gcm_Sha256],
+        extended_master_secret: ExtendedMasterSecretType::Require,
+        ..Default::default()
+    };
+    let listener = webrtc_dtls::listener::listen(("127.0.0.1", port), config)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let mut kept = Vec::new();
+        loop {
+            if let Ok((conn, _)) = listener.accept().await {
+                kept.push(conn);
+            }
+        }
+    });
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// The daemon and simulator with CoAP on loopback.
+struct Gateway {
+    world: World,
+    addr: SocketAddr,
+    _sim: common::Proc,
+    daemon: common::Proc,
+}
+
+fn gateway(locks: usize) -> Gateway {
+    let world = World::new(locks, |_| {});
+    let port = world.serve_coap("");
+    let sim = world.sim();
+    let daemon = world.daemon();
+    Gateway {
+        world,
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        _sim: sim,
+        daemon,
+    }
+}
+
+impl Gateway {
+    /// A real client still gets a CoAP answer quickly, and the daemon is alive and well.
+    async fn still_serves(&mut self) {
+        let t = Instant::now();
+        let credentials = lockbridge::ctl::Credentials::Psk {
+            identity: "full".into(),
+            key: zeroize::Zeroizing::new(PSK.as_bytes().to_vec()),
+        };
+        let mut c = lockbridge::ctl::CoapClient::connect(self.addr, &credentials)
+            .await
+            .unwrap();
+        let (code, _) = c
+            .request(coap_lite::RequestType::Get, "/gateway", &[])
+            .await
+            .unwrap();
+        assert_eq!(code, "2.05");
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            t.elapsed()
+        );
+        c.close().await;
+        assert!(
+            self.daemon.0.try_wait().unwrap().is_none(),
+            "the daemon died"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The listener faults, each shown fixed here and present in a plain DTLSListener.
+
+/// Fault 1: a ClientHello that is never continued. Returns how long a real client then took.
+async fn silent_hello_then_real_client(server: SocketAddr) -> Result<Duration, String> {
+    let mut spoof = Raw::new(server).await;
+    spoof.send(|s| client_hello(0, s, 0, &[])).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t = Instant::now();
+    handshake_to(server, Duration::from_secs(3)).await?;
+    Ok(t.elapsed())
+}
+
+/// Fault 2: a client that ends its session and comes back from the same address and port.
+async fn reconnect_from_the_same_port(server: SocketAddr) -> Result<(), String> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let local = socket.local_addr().unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let first = handshake_from(
+        UdpSocket::from_std(socket).unwrap(),
+        server,
+        PSK,
+        Duration::from_secs(3),
+    )
+    .await?;
+    first.close().await.map_err(|e| e.to_string())?;
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let again = std::net::UdpSocket::bind(local).map_err(|e| format!("rebind {local}: {e}"))?;
+    again.set_nonblocking(true).unwrap();
+    handshake_from(
+        UdpSocket::from_std(again).unwrap(),
+        server,
+        PSK,
+        Duration::from_secs(3),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Fault 3: the server's final flight (ChangeCipherSpec, Finished) is lost once. The client
+/// repeats its flight after 1 s; the server must resend.
+async fn final_flight_lost_once(server: SocketAddr) -> Result<Duration, String> {
+    let dropping_since: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+    let d = dropping_since.clone();
+    let drop_if: Filter = Arc::new(move |dir, data| {
+        let final_flight = records(data)
+            .iter()
+            .any(|(ct, epoch, _)| *ct == CT_CCS || *epoch > 0);
+        if dir != Dir::ToClient || !final_flight {
+            return false;
+        }
+        let mut since = d.lock().unwrap();
+        let first = *since.get_or_insert_with(Instant::now);
+        first.elapsed() < Duration::from_millis(300)
+    });
+    let proxy = Proxy::start(
+        server,
+        Faults {
+            drop_if: Some(drop_if),
+            ..Faults::default()
+        },
+    )
+    .await;
+    let t = Instant::now();
+    let conn = handshake_to(proxy.addr, Duration::from_secs(5)).await?;
+    assert!(
+        dropping_since.lock().unwrap().is_some(),
+        "the final flight was dropped"
+    );
+    let _ = conn.close().await;
+    Ok(t.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_faults_are_fixed_here_and_present_in_a_plain_listener() {
+    let mut gw = gateway(1);
+    let plain = plain_listener().await;
+
+    let took = silent_hello_then_real_client(gw.addr).await.unwrap();
+    assert!(took < Duration::from_secs(2), "real client took {took:?}");
+    let plain_result = silent_hello_then_real_client(plain).await;
+    assert!(
+        plain_result.is_err(),
+        "a plain listener is blocked: {plain_result:?}"
+    );
+
+    reconnect_from_the_same_port(gw.addr).await.unwrap();
+    let plain = plain_listener().await;
+    let plain_result = reconnect_from_the_same_port(plain).await;
+    assert!(
+        plain_result.is_err(),
+        "a plain listener never forgets a peer: {plain_result:?}"
+    );
+
+    let took = final_flight_lost_once(gw.addr).await.unwrap();
+    println!("final flight lost once: handshake in {took:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    let plain = plain_listener().await;
+    let plain_result = final_flight_lost_once(plain).await;
+    assert!(
+        plain_result.is_err(),
+        "a plain listener never resends: {plain_result:?}"
+    );
+
+    gw.still_serves().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// State fuzzing: records out of order. None may crash the server or yield application data.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_order_records_never_crash_or_yield_access() {
+    let mut gw = gateway(1);
+    let coap_get = {
+        let mut p = coap_lite::Packet::new();
+        p.header.set_type(coap_lite::MessageType::Confirmable);
+        p.header.code = coap_lite::MessageClass::Request(coap_lite::RequestType::Get);
+        p.add_option(coap_lite::CoapOption::UriPath, b"locks".to_vec());
+        p.to_bytes().unwrap()
+    };
+
+    // Application data before the handshake ends (plaintext in epoch 0, garbage in epoch 1).
+    let mut c = Raw::new(gw.addr).await;
+    let flight4 = c.start_handshake().await;
+    assert!(
+        types(&flight4).contains(&CT_HANDSHAKE),
+        "the handshake started"
+    );
+    c.send(|s| record(CT_APP_DATA, 0, s, &coap_get)).await;
+    c.send(|s| record(CT_APP_DATA, 1, s, &[0x5A; 48])).await;
+    let answer = c.receive(Duration::from_millis(600)).await;
+    assert!(
+        !types(&answer).contains(&CT_APP_DATA),
+        "application data before the handshake"
+    );
+
+    // ChangeCipherSpec before the handshake, and before the key exchange.
+    let mut c = Raw::new(gw.addr).await;
+    c.send(|s| client_hello(0, s, 0, &[])).await;
+    c.send(|s| record(CT_CCS, 0, s, &[1])).await;
+    let _ = c.receive(Duration::from_millis(300)).await;
+    let mut c = Raw::new(gw.addr).await;
+    c.start_handshake().await;
+    c.send(|s| record(CT_CCS, 0, s, &[1])).await;
+    c.send(|s| record(CT_HANDSHAKE, 1, s, &[0xA5; 40])).await;
+    let answer = c.receive(Duration::from_millis(600)).await;
+    assert!(
+        !types(&answer).contains(&CT_CCS),
+        "an early CCS finished a handshake"
+    );
+    assert!(!types(&answer).contains(&CT_APP_DATA));
+
+    // Finished before ChangeCipherSpec (a PSK ClientKeyExchange, then Finished in epoch 0).
+    let mut c = Raw::new(gw.addr).await;
+    c.start_handshake().await;
+    c.send(|s| handshake(0, s, 16, 2, &[0, 4, b'f', b'u', b'l', b'l']))
+        .await;
+    c.send(|s| handshake(0, s, 20, 3, &[0u8; 12])).await;
+    let answer = c.receive(Duration::from_millis(600)).await;
+    assert!(
+        !types(&answer).contains(&CT_CCS),
+        "Finished without CCS finished a handshake"
+    );
+    assert!(!types(&answer).contains(&CT_APP_DATA));
+
+    // A ClientHello in epoch 1 from a new address: no state, no answer at all.
+    let mut c = Raw::new(gw.addr).await;
+    c.send(|s| client_hello(1, s, 0, &[])).await;
+    assert!(c.receive(Duration::from_millis(400)).await.is_empty());
+
+    // A second ClientHello in the middle of a handshake.
+    let mut c = Raw::new(gw.addr).await;
+    c.start_handshake().await;
+    c.send(|s| client_hello(0, s, 2, &[])).await;
+    c.send(|s| client_hello(0, s, 0, &[])).await;
+    let answer = c.receive(Duration::from_millis(600)).await;
+    assert!(!types(&answer).contains(&CT_APP_DATA));
+    assert!(!types(&answer).contains(&CT_CCS));
+
+    gw.still_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_after_close_notify_or_a_fatal_alert_is_ignored() {
+    let mut gw = gateway(1);
+    let proxy = Proxy::start(gw.addr, Faults::default()).await;
+
+    // A real session, then close_notify; its recorded request replayed afterwards.
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let me = socket.local_addr().unwrap();
+    let conn = handshake_from(socket, proxy.addr, PSK, Duration::from_secs(3))
+        .await
+        .unwrap();
+    let mut get = coap_lite::Packet::new();
+    get.header.set_type(coap_lite::MessageType::Confirmable);
+    get.header.code = coap_lite::MessageClass::Request(coap_lite::RequestType::Get);
+    get.header.message_id = 7;
+    get.add_option(coap_lite::CoapOption::UriPath, b"gateway".to_vec());
+    conn.write(&get.to_bytes().unwrap(), None).await.unwrap();
+    let mut buf = vec![0u8; 2048];
+    let n = conn
+        .read(&mut buf, Some(Duration::from_secs(2)))
+        .await
+        .unwrap();
+    assert!(
+        coap_lite::Packet::from_bytes(&buf[..n]).is_ok(),
+        "the session works"
+    );
+    let request = proxy
+        .delivered(me, Dir::ToServer)
+        .into_iter()
+        .rev()
+        .find(|d| records(d).iter().any(|(ct, _, _)| *ct == CT_APP_DATA))
+        .unwrap();
+    conn.close().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = proxy.delivered(me, Dir::ToClient).len();
+    proxy.inject(me, &request).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let after = proxy.delivered(me, Dir::ToClient);
+    assert!(
+        !types(&after[before..]).contains(&CT_APP_DATA),
+        "a request after close_notify was answered"
+    );
+
+    // A handshake that ends in a fatal alert (wrong key), then application data.
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let me = socket.local_addr().unwrap();
+    let refused = handshake_from(
+        socket,
+        proxy.addr,
+        "not-the-key-not-the-key!",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(refused.is_err());
+    let alerts = types(&proxy.delivered(me, Dir::ToClient));
+    assert!(
+        alerts.contains(&CT_ALERT),
+        "the server sent an alert: {alerts:?}"
+    );
+    let before = proxy.delivered(me, Dir::ToClient).len();
+    proxy
+        .inject(me, &record(CT_APP_DATA, 1, 9, &[0x33; 64]))
+        .await;
+    proxy
+        .inject(me, &record(CT_APP_DATA, 0, 10, &get.to_bytes().unwrap()))
+        .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let after = proxy.delivered(me, Dir::ToClient);
+    assert!(!types(&after[before..]).contains(&CT_APP_DATA));
+
+    gw.still_serves().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loss: 20 % each way, duplicates and reordering.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_and_commands_survive_20_percent_loss() {
+    let mut gw = gateway(4);
+    let proxy = Proxy::start(
+        gw.addr,
+        Faults {
+            loss: 0.2,
+            duplicate: 0.05,
+            reorder: 0.1,
+            seed: 2026,
+            drop_if: None,
+        },
+    )
+    .await;
+
+    // 200 handshakes, 50 at a time.
+    let mut times = Vec::new();
+    let mut failed = Vec::new();
+    for _ in 0..4 {
+        let batch: Vec<_> = (0..50)
+            .map(|_| {
+                let addr = proxy.addr;
+                tokio::spawn(async move {
+                    let t = Instant::now();
+                    let r = handshake_to(addr, Duration::from_secs(30)).await;
+                    if let Ok(c) = &r {
+                        let _ = c.close().await;
+                    }
+                    (r.map(|_| ()), t.elapsed())
+                })
+            })
+            .collect();
+        for h in batch {
+            match h.await.unwrap() {
+                (Ok(()), t) => times.push(t),
+                (Err(e), _) => failed.push(e),
+            }
+        }
+    }
+    times.sort();
+    println!(
+        "200 handshakes at 20 % loss: {} done within 30 s, p50 {:?}, p99 {:?}, max {:?}; failed: {failed:?}",
+        times.len(),
+        times[times.len() / 2],
+        times[times.len() * 99 / 100],
+        times.last().unwrap()
+    );
+    assert!(
+        times.len() >= 198,
+        "{} of 200 within 30 s: {failed:?}",
+        times.len()
+    );
+
+    // Commands: each lock gets 4 commands from its own client; a command without an answer is
+    // asked again with the same request id. Every one gets exactly one outcome.
+    let tasks: Vec<_> = (1..=4)
+        .map(|lock| {
+            let addr = proxy.addr;
+            tokio::spawn(async move {
+                let credentials = lockbridge::ctl::Credentials::Psk {
+                    identity: "full".into(),
+                    key: zeroize::Zeroizing::new(PSK.as_bytes().to_vec()),
+                };
+                let mut outcomes = Vec::new();
+                let mut client = None;
+                for (i, action) in ["unlock", "lock", "unlock", "lock"].iter().enumerate() {
+                    let id = format!("loss-{lock}-{i}");
+                    let body = format!(r#"{{"request_id":"{id}"}}"#);
+                    let path = format!("/locks/lock-{lock}/{action}");
+                    let mut answer = None;
+                    for _attempt in 0..5 {
+                        if client.is_none() {
+                            client = lockbridge::ctl::CoapClient::connect(addr, &credentials)
+                                .await
+                                .ok();
+                        }
+                        let Some(c) = client.as_mut() else { continue };
+                        match c
+                            .request(coap_lite::RequestType::Post, &path, body.as_bytes())
+                            .await
+                        {
+                            Ok(a) => {
+                                answer = Some(a);
+                                break;
+                            }
+                            // No answer: ask again, same id, on a new session.
+                            Err(_) => client = None,
+                        }
+                    }
+                    let (code, payload) = answer.unwrap_or_else(|| panic!("{id}: no answer"));
+                    let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                    assert_eq!(v["id"], id.as_str());
+                    outcomes.push((id, code, v["status"].as_str().unwrap().to_string()));
+                }
+                outcomes
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    println!("outcomes at 20 % loss: {all:?}");
+    assert_eq!(all.len(), 16);
+    let acts = gw.world.actuations();
+    let mut per_lock: HashMap<String, usize> = HashMap::new();
+    for a in &acts {
+        *per_lock.entry(a["lock"].to_string()).or_default() += 1;
+    }
+    assert!(
+        acts.len() <= 16,
+        "{} actuations for 16 commands",
+        acts.len()
+    );
+    assert!(per_lock.values().all(|n| *n <= 4), "{per_lock:?}");
+    let successes = all.iter().filter(|(_, _, s)| s == "success").count();
+    assert_eq!(
+        acts.len(),
+        successes,
+        "every success actuated once, nothing else did: {all:?}"
+    );
+    gw.still_serves().await;
+}
