@@ -103,7 +103,9 @@ pub async fn serve_peer(peer: NewPeer, endpoint: Arc<Endpoint>) {
     let identity = Arc::new(Mutex::new(None));
     let config = endpoint.dtls_config(&peer.suites, identity.clone());
     let conn: Arc<dyn webrtc_util::Conn + Send + Sync> = peer.conn.clone();
-    let handshake = DTLSConn::new(conn, config, false, None);
+    // Boxed: the handshake's state is large and would otherwise stay allocated in this task's
+    // future for the whole session (per-peer memory, issue target ≤ 32 KiB).
+    let handshake = Box::pin(DTLSConn::new(conn, config, false, None));
     let dtls = match tokio::time::timeout(endpoint.limits.handshake_timeout, handshake).await {
         Ok(Ok(c)) => Arc::new(c),
         Ok(Err(e)) => {

@@ -38,6 +38,8 @@ pub struct Limits {
     pub max_half_open: usize,
     /// Datagrams queued per peer before more are dropped.
     pub inbox: usize,
+    /// Cookies of evicted handshakes remembered, so their clients are recognised on return.
+    pub remembered_cookies: usize,
 }
 
 impl Default for Limits {
@@ -48,6 +50,7 @@ impl Default for Limits {
             max_peers: 4096,
             max_half_open: 256,
             inbox: 32,
+            remembered_cookies: 16_384,
         }
     }
 }
@@ -89,15 +92,33 @@ pub fn offered_suites(datagram: &[u8]) -> Vec<u16> {
     parse(datagram).unwrap_or_default()
 }
 
-/// A ClientHello without a cookie: a first one, which anybody can send from any address.
-fn hello_cookie_is_empty(datagram: &[u8]) -> bool {
+/// The cookie of a ClientHello (empty in a first one, which anybody can send from any address).
+fn hello_cookie(datagram: &[u8]) -> &[u8] {
     let body = &datagram[RECORD_HEADER..];
     let at = 12 + 2 + 32;
     let Some(&session_id) = body.get(at) else {
-        return true;
+        return &[];
     };
-    body.get(at + 1 + session_id as usize)
-        .is_none_or(|len| *len == 0)
+    let at = at + 1 + session_id as usize;
+    let Some(&len) = body.get(at) else {
+        return &[];
+    };
+    body.get(at + 1..at + 1 + len as usize).unwrap_or(&[])
+}
+
+fn hello_cookie_is_empty(datagram: &[u8]) -> bool {
+    hello_cookie(datagram).is_empty()
+}
+
+/// The cookie of a HelloVerifyRequest the server sent, if `datagram` is one.
+fn hello_verify_cookie(datagram: &[u8]) -> Option<Vec<u8>> {
+    const HS_HELLO_VERIFY_REQUEST: u8 = 3;
+    let body = datagram.get(RECORD_HEADER..)?;
+    if datagram[0] != CT_HANDSHAKE || *body.first()? != HS_HELLO_VERIFY_REQUEST {
+        return None;
+    }
+    let len = *body.get(12 + 2)? as usize;
+    body.get(15..15 + len).map(<[u8]>::to_vec)
 }
 
 /// A datagram that belongs to the handshake: the client repeating a flight.
@@ -167,6 +188,12 @@ pub struct PeerConn {
 }
 
 impl PeerConn {
+    /// The cookie this peer's HelloVerifyRequest carried, once it went out.
+    fn sent_cookie(&self) -> Option<Vec<u8>> {
+        let f = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        f.last.iter().find_map(|d| hello_verify_cookie(d))
+    }
+
     /// Keep the final flight for resending; called when the handshake has finished.
     pub fn freeze_flight(&self) {
         self.flights
@@ -268,6 +295,7 @@ pub struct NewPeer {
 
 struct Entry {
     tx: mpsc::Sender<Vec<u8>>,
+    conn: Arc<PeerConn>,
     state: Arc<PeerState>,
     generation: u64,
     /// The client answered the HelloVerifyRequest with a ClientHello carrying a cookie: its
@@ -301,7 +329,9 @@ pub struct Stats {
 /// handshake whose client has not yet returned the cookie is *unverified*. When the half-open
 /// cap is reached, the oldest unverified handshake makes room for the new one: a flood of
 /// spoofed ClientHellos churns through those slots while a real client, whose ClientHello with
-/// the cookie follows within a round trip, keeps its place.
+/// the cookie follows within a round trip, keeps its place. Only handshakes that have sent
+/// their HelloVerifyRequest are evicted, and their cookies are remembered: a client that comes
+/// back with one proved its address, and its new handshake starts verified.
 pub async fn demultiplex<F, Fut>(
     socket: Arc<UdpSocket>,
     limits: Limits,
@@ -322,6 +352,10 @@ pub async fn demultiplex<F, Fut>(
     let half_open = Arc::new(AtomicUsize::new(0));
     // Unverified handshakes in the order they came, for eviction.
     let mut unverified: std::collections::VecDeque<(SocketAddr, u64)> =
+        std::collections::VecDeque::new();
+    // Cookies sent by evicted handshakes, by address (bounded, oldest forgotten first).
+    let mut evicted_cookies: HashMap<SocketAddr, Vec<u8>> = HashMap::new();
+    let mut evicted_order: std::collections::VecDeque<SocketAddr> =
         std::collections::VecDeque::new();
     let (ended_tx, mut ended) = mpsc::unbounded_channel::<(SocketAddr, u64)>();
     let mut generation = 0u64;
@@ -373,18 +407,40 @@ pub async fn demultiplex<F, Fut>(
             stats.dropped_unknown.fetch_add(1, Ordering::Relaxed);
             continue;
         }
+        // A ClientHello with the cookie of an evicted handshake: a real client.
+        let proven = !hello_cookie_is_empty(datagram)
+            && evicted_cookies
+                .remove(&addr)
+                .is_some_and(|c| c.as_slice() == hello_cookie(datagram));
         if half_open.load(Ordering::SeqCst) >= limits.max_half_open {
-            // Make room by evicting the oldest handshake that never sent a second datagram.
+            // Make room by evicting the oldest unverified handshake that sent its cookie.
             let mut evicted = false;
-            while let Some((a, g)) = unverified.pop_front() {
-                if peers.get(&a).is_some_and(|e| {
-                    e.generation == g && !e.verified && e.state.get() == HANDSHAKING
-                }) {
-                    peers.remove(&a);
-                    stats.evicted_unverified.fetch_add(1, Ordering::Relaxed);
-                    evicted = true;
+            let mut looked = 0;
+            while looked < 64 {
+                let Some((a, g)) = unverified.pop_front() else {
                     break;
+                };
+                let Some(e) = peers.get(&a) else { continue };
+                if e.generation != g || e.verified || e.state.get() != HANDSHAKING {
+                    continue;
                 }
+                looked += 1;
+                let Some(cookie) = e.conn.sent_cookie() else {
+                    unverified.push_back((a, g)); // its answer has not gone out yet
+                    continue;
+                };
+                peers.remove(&a);
+                if evicted_cookies.insert(a, cookie).is_none() {
+                    evicted_order.push_back(a);
+                }
+                while evicted_order.len() > limits.remembered_cookies {
+                    if let Some(old) = evicted_order.pop_front() {
+                        evicted_cookies.remove(&old);
+                    }
+                }
+                stats.evicted_unverified.fetch_add(1, Ordering::Relaxed);
+                evicted = true;
+                break;
             }
             if !evicted {
                 stats.dropped_half_open_cap.fetch_add(1, Ordering::Relaxed);
@@ -408,7 +464,7 @@ pub async fn demultiplex<F, Fut>(
         });
         let fut = spawn_peer(NewPeer {
             suites: offered_suites(datagram),
-            conn,
+            conn: conn.clone(),
             state: state.clone(),
             addr,
         });
@@ -424,13 +480,16 @@ pub async fn demultiplex<F, Fut>(
             addr,
             Entry {
                 tx,
+                conn,
                 state,
                 generation: g,
-                verified: false,
+                verified: proven,
                 task,
             },
         );
-        unverified.push_back((addr, g));
+        if !proven {
+            unverified.push_back((addr, g));
+        }
         stats.peers.store(peers.len() as u64, Ordering::Relaxed);
     }
 }
@@ -490,6 +549,17 @@ mod tests {
                 let _ = hello_cookie_is_empty(&first[..cut]);
             }
         }
+        // A HelloVerifyRequest's cookie, as the endpoint remembers it on eviction.
+        let mut hvr = vec![CT_HANDSHAKE, 0xFE, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15];
+        hvr.extend_from_slice(&[3, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 3, 0xFE, 0xFF, 0]);
+        hvr[RECORD_HEADER + 14] = 0;
+        assert_eq!(hello_verify_cookie(&hvr), Some(vec![]));
+        let mut hvr2 = hvr.clone();
+        hvr2[RECORD_HEADER + 14] = 2;
+        hvr2.extend_from_slice(&[0xAB, 0xCD]);
+        assert_eq!(hello_verify_cookie(&hvr2), Some(vec![0xAB, 0xCD]));
+        assert_eq!(hello_verify_cookie(&first), None);
+        assert_eq!(hello_cookie(&second), &[1; 20]);
         let mut fragment = first.clone();
         fragment[RECORD_HEADER + 8] = 1; // fragment_offset != 0
         assert!(offered_suites(&fragment).is_empty());
