@@ -67,7 +67,7 @@ struct ProxyInner {
     faults: Faults,
     rng: Mutex<ChaCha8Rng>,
     upstreams: Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>,
-    /// Every datagram that reached the other side, by client and direction.
+    /// Every datagram forwarded (after the faults), by client and direction.
     delivered: Mutex<Vec<(SocketAddr, Dir, Vec<u8>)>>,
 }
 
@@ -103,21 +103,21 @@ impl ProxyInner {
     }
 
     async fn send(&self, client: SocketAddr, dir: Dir, data: &[u8]) {
-        let ok = match dir {
+        // Recorded before it goes out, so the log never lags behind what the other side saw.
+        self.delivered
+            .lock()
+            .unwrap()
+            .push((client, dir, data.to_vec()));
+        match dir {
             Dir::ToServer => {
                 let up = self.upstreams.lock().unwrap().get(&client).cloned();
-                match up {
-                    Some(up) => up.send(data).await.is_ok(),
-                    None => false,
+                if let Some(up) = up {
+                    let _ = up.send(data).await;
                 }
             }
-            Dir::ToClient => self.front.send_to(data, client).await.is_ok(),
-        };
-        if ok {
-            self.delivered
-                .lock()
-                .unwrap()
-                .push((client, dir, data.to_vec()));
+            Dir::ToClient => {
+                let _ = self.front.send_to(data, client).await;
+            }
         }
     }
 }
