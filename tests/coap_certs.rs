@@ -221,12 +221,7 @@ fn other_ca_expired_and_missing_client_certificates_are_refused() {
         );
     }
     // The daemon's log names the cause.
-    let log: String = std::fs::read_dir(&w.world.dir)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("daemon-"))
-        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-        .collect();
+    let log = w.world.daemon_log();
     assert!(log.contains("outside its validity"), "{log}");
     assert!(
         log.contains("invalid peer certificate"),

@@ -160,12 +160,7 @@ fn a_slow_lock_answers_with_a_confirmable_separate_response() {
     assert_eq!(outcome["state"]["state"], "locked", "{outcome}");
     assert_eq!(c.world.actuations().len(), 2);
     std::thread::sleep(Duration::from_millis(500));
-    let log: String = std::fs::read_dir(&c.world.dir)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("daemon-"))
-        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-        .collect();
+    let log = c.world.daemon_log();
     assert!(!log.contains("never acknowledged"), "{log}");
 }
 

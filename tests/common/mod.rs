@@ -181,6 +181,16 @@ impl World {
         port
     }
 
+    /// Everything the daemons of this world wrote to their logs.
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_dir(&self.dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("daemon-"))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect()
+    }
+
     /// The lock's record of every actuating command it received.
     pub fn actuations(&self) -> Vec<Value> {
         let path = self.dir.join("events.jsonl");
