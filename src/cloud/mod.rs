@@ -54,6 +54,19 @@ pub struct Endpoint {
     pub limits: dtls::Limits,
     pub stats: Arc<dtls::Stats>,
     pub started: std::time::Instant,
+    /// A root store for webrtc-dtls's server-certificate verifier, which it builds for every
+    /// connection, a server's too. Given an empty store it generates a self-signed certificate
+    /// (a P-256 key and a signature) per connection, so per spoofed ClientHello; this one is
+    /// made once. A server never uses it.
+    pub unused_roots: rustls::RootCertStore,
+}
+
+/// A root store holding one throwaway self-signed certificate; see [`Endpoint::unused_roots`].
+pub fn unused_roots() -> anyhow::Result<rustls::RootCertStore> {
+    let cert = rcgen::generate_simple_self_signed(Vec::<String>::new())?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone())?;
+    Ok(roots)
 }
 
 impl Endpoint {
@@ -64,7 +77,10 @@ impl Endpoint {
         let offers = |list: &[CipherSuiteId]| list.iter().any(|s| suites.contains(&(*s as u16)));
         if let Some((certificate, clients)) = &self.certs {
             if offers(&ECDSA_SUITES) && !offers(&PSK_SUITES) {
-                return certificate_config(certificate.clone(), clients.clone(), identity);
+                return DtlsConfig {
+                    roots_cas: self.unused_roots.clone(),
+                    ..certificate_config(certificate.clone(), clients.clone(), identity)
+                };
             }
         }
         let psks = self.psks.clone();
@@ -83,6 +99,7 @@ impl Endpoint {
             psk_identity_hint: Some(b"lockbridge".to_vec()),
             cipher_suites: PSK_SUITES.to_vec(),
             extended_master_secret: ExtendedMasterSecretType::Require,
+            roots_cas: self.unused_roots.clone(),
             ..Default::default()
         }
     }
@@ -160,6 +177,7 @@ pub async fn start(
         },
         stats: Arc::new(dtls::Stats::default()),
         started: std::time::Instant::now(),
+        unused_roots: unused_roots()?,
     });
     let socket = Arc::new(socket);
     let limits = endpoint.limits.clone();
