@@ -376,7 +376,8 @@ fn gateway(locks: usize) -> Gateway {
 
 impl Gateway {
     /// A real client still gets a CoAP answer quickly, and the daemon is alive and well.
-    async fn still_serves(&mut self) {
+    /// Returns what `GET /gateway` said.
+    async fn still_serves(&mut self) -> serde_json::Value {
         let t = Instant::now();
         let credentials = lockbridge::ctl::Credentials::Psk {
             identity: "full".into(),
@@ -385,7 +386,7 @@ impl Gateway {
         let mut c = lockbridge::ctl::CoapClient::connect(self.addr, &credentials)
             .await
             .unwrap();
-        let (code, _) = c
+        let (code, body) = c
             .request(coap_lite::RequestType::Get, "/gateway", &[])
             .await
             .unwrap();
@@ -400,6 +401,7 @@ impl Gateway {
             self.daemon.0.try_wait().unwrap().is_none(),
             "the daemon died"
         );
+        serde_json::from_slice(&body).unwrap()
     }
 }
 
@@ -509,6 +511,45 @@ async fn listener_faults_are_fixed_here_and_present_in_a_plain_listener() {
     );
 
     gw.still_serves().await;
+}
+
+/// Beyond the four faults: a flood of first ClientHellos, each from an address never used
+/// before (as when source addresses are forged), is held back instead of costing a handshake
+/// each, and a real client meanwhile gets through within 2 s (one retransmission).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_client_hello_flood_is_held_back_and_a_real_client_gets_through() {
+    let mut gw = gateway(1);
+    let server = gw.addr;
+    const FLOOD: u32 = 4000;
+    // About 4,000 ClientHellos per second, each from its own loopback address.
+    let flood = std::thread::spawn(move || {
+        let hello = client_hello(0, 0, 0, &[]);
+        for n in 0..FLOOD {
+            let ip = std::net::Ipv4Addr::new(127, 2 + (n >> 16) as u8, (n >> 8) as u8, n as u8);
+            let socket = std::net::UdpSocket::bind((ip, 0)).unwrap();
+            socket.send_to(&hello, server).unwrap();
+            if n % 4 == 3 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    let real = handshake_to(server, Duration::from_secs(5)).await;
+    let took = t.elapsed();
+    flood.join().unwrap();
+    real.unwrap();
+    println!("real client during the flood: {took:?}");
+    assert!(took < Duration::from_secs(2), "real client took {took:?}");
+
+    let gateway = gw.still_serves().await;
+    println!("after the flood: {gateway}");
+    let held = gateway["dtls_hellos_held_back"].as_u64().unwrap();
+    // At most half the half-open slots (256) fill before ClientHellos are held back.
+    assert!(
+        held >= u64::from(FLOOD) - 256,
+        "only {held} of {FLOOD} forged ClientHellos were held back"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -399,6 +399,7 @@ async fn handle(
             r.message
         }
         (RequestType::Get, ["gateway"]) => {
+            use std::sync::atomic::Ordering::Relaxed;
             let all = sup.registry().all();
             let body = serde_json::json!({
                 "id": config.gateway.id,
@@ -406,7 +407,10 @@ async fn handle(
                 "uptime_s": endpoint.started.elapsed().as_secs(),
                 "locks": all.len(),
                 "sessions": all.iter().filter(|v| v.status == crate::registry::LinkStatus::Connected).count(),
-                "dtls_peers": endpoint.stats.peers.load(std::sync::atomic::Ordering::Relaxed),
+                "dtls_peers": endpoint.stats.peers.load(Relaxed),
+                // ClientHellos held back under a flood, and unverified handshakes evicted.
+                "dtls_hellos_held_back": endpoint.stats.held_back.load(Relaxed),
+                "dtls_handshakes_evicted": endpoint.stats.evicted_unverified.load(Relaxed),
             });
             json_response(response, ResponseType::Content, &body)
         }

@@ -11,10 +11,10 @@
 //!    last flight and resends it when the client repeats its own (RFC 6347 §4.2.4);
 //! 4. it has no handshake deadline — here a handshake that does not finish in time is dropped.
 //!
-//! Only a datagram that looks like a ClientHello creates state; anything else from an unknown
-//! address is dropped without an answer.
+//! Only a first ClientHello creates state, and under a flood only one its client repeated
+//! ([`Admission`]); anything else from an unknown address is dropped without an answer.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,8 +38,8 @@ pub struct Limits {
     pub max_half_open: usize,
     /// Datagrams queued per peer before more are dropped.
     pub inbox: usize,
-    /// Cookies of evicted handshakes remembered, so their clients are recognised on return.
-    pub remembered_cookies: usize,
+    /// Addresses whose first ClientHello was held back, remembered to admit their repeat.
+    pub remembered_addresses: usize,
 }
 
 impl Default for Limits {
@@ -50,7 +50,7 @@ impl Default for Limits {
             max_peers: 4096,
             max_half_open: 256,
             inbox: 32,
-            remembered_cookies: 16_384,
+            remembered_addresses: 32_768,
         }
     }
 }
@@ -311,9 +311,61 @@ impl Drop for Entry {
     }
 }
 
+/// Which first ClientHellos start a handshake.
+///
+/// Every handshake webrtc-dtls starts costs key generation before the client has proved its
+/// address, and a ClientHello is one datagram anybody can send from any source address. So
+/// while at least half of the half-open slots are taken — a flood, or an unusual burst — a
+/// ClientHello from an address not seen before is held back and the address remembered; the
+/// client's retransmission (every DTLS client repeats an unanswered ClientHello, after about
+/// 1 s) starts the handshake. A flood forging a new source address per datagram never repeats
+/// one, so it costs a hash lookup per datagram while real clients wait one retransmission.
+pub struct Admission {
+    held: HashMap<SocketAddr, u64>,
+    order: VecDeque<(SocketAddr, u64)>,
+    capacity: usize,
+    next: u64,
+}
+
+impl Admission {
+    /// Remember at most `capacity` held-back addresses (the oldest are forgotten first).
+    pub fn new(capacity: usize) -> Admission {
+        Admission {
+            held: HashMap::new(),
+            order: VecDeque::new(),
+            capacity,
+            next: 0,
+        }
+    }
+
+    /// Whether a first ClientHello from `addr` starts a handshake, given whether the
+    /// half-open slots are under pressure.
+    pub fn admit(&mut self, addr: SocketAddr, under_pressure: bool) -> bool {
+        if self.held.remove(&addr).is_some() {
+            return true; // the client repeated it: a real address
+        }
+        if !under_pressure {
+            return true;
+        }
+        self.next += 1;
+        self.held.insert(addr, self.next);
+        self.order.push_back((addr, self.next));
+        while self.order.len() > self.capacity {
+            if let Some((a, n)) = self.order.pop_front() {
+                if self.held.get(&a) == Some(&n) {
+                    self.held.remove(&a);
+                }
+            }
+        }
+        false
+    }
+}
+
 /// Counters for metrics and benchmarks.
 #[derive(Default, Debug)]
 pub struct Stats {
+    /// First ClientHellos held back until their client repeats them ([`Admission`]).
+    pub held_back: std::sync::atomic::AtomicU64,
     pub dropped_unknown: std::sync::atomic::AtomicU64,
     pub dropped_half_open_cap: std::sync::atomic::AtomicU64,
     pub dropped_peer_cap: std::sync::atomic::AtomicU64,
@@ -325,13 +377,13 @@ pub struct Stats {
 
 /// Receive on `socket` forever, creating a task per peer with `spawn_peer`.
 ///
-/// A spoofed ClientHello comes from an address that never sees the HelloVerifyRequest, so a
-/// handshake whose client has not yet returned the cookie is *unverified*. When the half-open
-/// cap is reached, the oldest unverified handshake makes room for the new one: a flood of
-/// spoofed ClientHellos churns through those slots while a real client, whose ClientHello with
-/// the cookie follows within a round trip, keeps its place. Only handshakes that have sent
-/// their HelloVerifyRequest are evicted, and their cookies are remembered: a client that comes
-/// back with one proved its address, and its new handshake starts verified.
+/// Which first ClientHellos start a handshake is [`Admission`]'s decision. A handshake whose
+/// client has not yet returned the cookie is *unverified* (a forged ClientHello comes from an
+/// address that never sees the HelloVerifyRequest). When the half-open cap is reached, the
+/// oldest unverified handshake that has sent its HelloVerifyRequest makes room for the new
+/// one, while a real client, whose ClientHello with the cookie follows within a round trip,
+/// keeps its place. (A handshake's cookie is webrtc-dtls's own and random, so an evicted
+/// client cannot resume with it; the admission keeps the churn low enough that none is.)
 pub async fn demultiplex<F, Fut>(
     socket: Arc<UdpSocket>,
     limits: Limits,
@@ -351,12 +403,8 @@ pub async fn demultiplex<F, Fut>(
     let mut peers: HashMap<SocketAddr, Entry> = HashMap::new();
     let half_open = Arc::new(AtomicUsize::new(0));
     // Unverified handshakes in the order they came, for eviction.
-    let mut unverified: std::collections::VecDeque<(SocketAddr, u64)> =
-        std::collections::VecDeque::new();
-    // Cookies sent by evicted handshakes, by address (bounded, oldest forgotten first).
-    let mut evicted_cookies: HashMap<SocketAddr, Vec<u8>> = HashMap::new();
-    let mut evicted_order: std::collections::VecDeque<SocketAddr> =
-        std::collections::VecDeque::new();
+    let mut unverified: VecDeque<(SocketAddr, u64)> = VecDeque::new();
+    let mut admission = Admission::new(limits.remembered_addresses);
     let (ended_tx, mut ended) = mpsc::unbounded_channel::<(SocketAddr, u64)>();
     let mut generation = 0u64;
     let mut buf = vec![0u8; 2048];
@@ -388,6 +436,7 @@ pub async fn demultiplex<F, Fut>(
         };
         let datagram = &buf[..n];
         let hello = is_client_hello(datagram);
+        let mut replaced = false;
         if let Some(e) = peers.get_mut(&addr) {
             let replace = hello && e.state.get() == ESTABLISHED;
             if !replace && e.state.get() != CLOSED {
@@ -401,17 +450,21 @@ pub async fn demultiplex<F, Fut>(
             // reconnected from the same port. The new handshake replaces the old peer.
             if peers.remove(&addr).is_some() && replace {
                 stats.replaced.fetch_add(1, Ordering::Relaxed);
+                replaced = true;
             }
         }
-        if !hello {
+        // Only a first ClientHello (no cookie) starts a handshake: one with a cookie belongs
+        // to a handshake this endpoint no longer has, whose cookie nothing here can check.
+        if !hello || !hello_cookie_is_empty(datagram) {
             stats.dropped_unknown.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        // A ClientHello with the cookie of an evicted handshake: a real client.
-        let proven = !hello_cookie_is_empty(datagram)
-            && evicted_cookies
-                .remove(&addr)
-                .is_some_and(|c| c.as_slice() == hello_cookie(datagram));
+        // A client with an established session proved its address already.
+        let under_pressure = half_open.load(Ordering::SeqCst) * 2 >= limits.max_half_open;
+        if !replaced && !admission.admit(addr, under_pressure) {
+            stats.held_back.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
         if half_open.load(Ordering::SeqCst) >= limits.max_half_open {
             // Make room by evicting the oldest unverified handshake that sent its cookie.
             let mut evicted = false;
@@ -425,19 +478,11 @@ pub async fn demultiplex<F, Fut>(
                     continue;
                 }
                 looked += 1;
-                let Some(cookie) = e.conn.sent_cookie() else {
+                if e.conn.sent_cookie().is_none() {
                     unverified.push_back((a, g)); // its answer has not gone out yet
                     continue;
-                };
+                }
                 peers.remove(&a);
-                if evicted_cookies.insert(a, cookie).is_none() {
-                    evicted_order.push_back(a);
-                }
-                while evicted_order.len() > limits.remembered_cookies {
-                    if let Some(old) = evicted_order.pop_front() {
-                        evicted_cookies.remove(&old);
-                    }
-                }
                 stats.evicted_unverified.fetch_add(1, Ordering::Relaxed);
                 evicted = true;
                 break;
@@ -483,13 +528,11 @@ pub async fn demultiplex<F, Fut>(
                 conn,
                 state,
                 generation: g,
-                verified: proven,
+                verified: false,
                 task,
             },
         );
-        if !proven {
-            unverified.push_back((addr, g));
-        }
+        unverified.push_back((addr, g));
         stats.peers.store(peers.len() as u64, Ordering::Relaxed);
     }
 }
@@ -497,6 +540,43 @@ pub async fn demultiplex<F, Fut>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn addr(n: u32) -> SocketAddr {
+        SocketAddr::from((std::net::Ipv4Addr::from(0x7F00_0000 + n), 5684))
+    }
+
+    #[test]
+    fn admission_holds_back_new_addresses_only_under_pressure() {
+        let mut a = Admission::new(4);
+        // No pressure: everyone starts at once and nothing is remembered.
+        assert!(a.admit(addr(1), false));
+        assert!(a.admit(addr(1), false));
+        // Under pressure: a new address is held back, its repeat admitted, once.
+        assert!(!a.admit(addr(2), true));
+        assert!(a.admit(addr(2), true));
+        assert!(!a.admit(addr(2), true));
+        // A repeat is admitted when the pressure is gone too (and forgotten then).
+        assert!(a.admit(addr(2), false));
+        assert!(!a.admit(addr(2), true));
+    }
+
+    #[test]
+    fn admission_remembers_a_bounded_number_of_addresses() {
+        let mut a = Admission::new(4);
+        for n in 10..20 {
+            assert!(!a.admit(addr(n), true));
+        }
+        assert_eq!(a.held.len(), 4);
+        assert_eq!(a.order.len(), 4);
+        // The oldest were forgotten: their repeat counts as new; the newest are admitted.
+        assert!(!a.admit(addr(10), true));
+        assert!(a.admit(addr(19), true));
+        // Memory stays bounded however many addresses a flood forges.
+        for n in 0..100_000 {
+            a.admit(addr(1000 + n), true);
+        }
+        assert!(a.held.len() <= 4 && a.order.len() <= 4);
+    }
 
     #[test]
     fn client_hello_is_recognised_only_in_epoch_0() {
