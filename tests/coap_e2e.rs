@@ -40,14 +40,17 @@ fn coap_world_with(
 impl Coap {
     /// Run coap-client-openssl; returns (stdout, stderr).
     fn client(&self, args: &[&str], path: &str) -> (String, String) {
-        let out = Command::new("coap-client-openssl")
+        self.client_with("coap-client-openssl", args, path)
+    }
+
+    /// Run one of libcoap's clients (`coap-client-openssl`, `coap-client-gnutls`).
+    fn client_with(&self, program: &str, args: &[&str], path: &str) -> (String, String) {
+        let out = Command::new(program)
             .args(["-B", "8"])
             .args(args)
             .arg(format!("coaps://127.0.0.1:{}{path}", self.port))
             .output()
-            .unwrap_or_else(|e| {
-                panic!("coap-client-openssl: {e}; install libcoap3-bin (tests/run.sh does)")
-            });
+            .unwrap_or_else(|e| panic!("{program}: {e}; install libcoap3-bin (tests/run.sh does)"));
         (
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -304,6 +307,66 @@ async fn observe_pushes_every_state_change_of_a_lock() {
         }
     }
     assert_eq!(states, vec!["locked", "unlocking", "unlocked"], "{text}");
+}
+
+/// The same through libcoap built on GnuTLS, a second DTLS stack independent of OpenSSL's and
+/// webrtc-dtls's: GET /locks, an Observe of the lock, and POST unlock seen by the observer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coap_client_gnutls_reads_observes_and_unlocks() {
+    const GNUTLS: &str = "coap-client-gnutls";
+    let (c, _sim, _daemon) = coap_world("");
+    c.world
+        .wait_status("lock-1", "connected", Duration::from_secs(10))
+        .await;
+    let (out, err) = c.client_with(GNUTLS, &["-m", "get", "-u", "full", "-k", PSK], "/locks");
+    let locks: Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out:?} {err:?}"));
+    assert_eq!(locks[0]["id"], "lock-1");
+    assert_eq!(locks[0]["state"], "locked");
+
+    let c = std::sync::Arc::new(c);
+    let observing = c.clone();
+    let observer = std::thread::spawn(move || {
+        observing.client_with(
+            GNUTLS,
+            &["-s", "5", "-m", "get", "-u", "full", "-k", PSK],
+            "/locks/lock-1",
+        )
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (out, err) = c.client_with(
+        GNUTLS,
+        &[
+            "-m",
+            "post",
+            "-u",
+            "full",
+            "-k",
+            PSK,
+            "-e",
+            r#"{"request_id":"gnutls-1"}"#,
+        ],
+        "/locks/lock-1/unlock",
+    );
+    let outcome: Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out:?} {err:?}"));
+    assert_eq!(outcome["status"], "success", "{outcome}");
+    assert_eq!(outcome["id"], "gnutls-1");
+
+    let (text, err) = observer.join().unwrap();
+    let mut states: Vec<&str> = Vec::new();
+    for part in text.split("\"state\":\"").skip(1) {
+        let s = part.split('"').next().unwrap_or("");
+        if states.last() != Some(&s) {
+            states.push(s);
+        }
+    }
+    assert_eq!(
+        states,
+        vec!["locked", "unlocking", "unlocked"],
+        "{text} {err}"
+    );
+    assert_eq!(c.world.actuations().len(), 1);
 }
 
 fn ctl(world: &World, args: &[&str]) -> std::process::Output {
