@@ -629,7 +629,7 @@ mod tests {
                 let _ = hello_cookie_is_empty(&first[..cut]);
             }
         }
-        // A HelloVerifyRequest's cookie, as the endpoint remembers it on eviction.
+        // A HelloVerifyRequest's cookie: a handshake is evictable once it went out.
         let mut hvr = vec![CT_HANDSHAKE, 0xFE, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15];
         hvr.extend_from_slice(&[3, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 3, 0xFE, 0xFF, 0]);
         hvr[RECORD_HEADER + 14] = 0;
