@@ -14,6 +14,9 @@ use crate::sim::serve::ListenAddr;
 
 pub const DEFAULT_PATH: &str = "/etc/lockbridge/lockbridge.toml";
 
+/// The command origin of the MQTT bridge, for `[[permissions]]`.
+pub const MQTT_ORIGIN: &str = "mqtt";
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -33,6 +36,8 @@ pub struct Config {
     pub liveness: Liveness,
     #[serde(default)]
     pub coap: Coap,
+    #[serde(default)]
+    pub mqtt: Mqtt,
     /// Who may do what: one rule per origin and lock pattern.
     #[serde(default = "default_permissions")]
     pub permissions: Vec<Permission>,
@@ -230,6 +235,86 @@ impl Default for Coap {
             private_key: None,
             client_ca: None,
             clients: Vec::new(),
+        }
+    }
+}
+
+/// The MQTT bridge (design §7).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Mqtt {
+    /// The broker, `HOST:PORT`; empty = no MQTT.
+    pub broker: String,
+    /// `"5"` or `"3.1.1"`.
+    pub protocol: String,
+    /// Topic root; empty = `lockbridge/<gateway.id>`.
+    pub root: String,
+    /// Client id; empty = `lockbridge-<gateway.id>`. Unique per hub.
+    pub client_id: String,
+    pub username: Option<String>,
+    /// The password, in a file of mode 0600 (relative to `gateway.state_dir`).
+    pub password_file: Option<PathBuf>,
+    /// Connect with TLS; the broker's certificate is checked against `ca` (PEM) or, without
+    /// it, the system's roots.
+    pub tls: bool,
+    pub ca: Option<PathBuf>,
+    /// A client certificate (PEM) and its key (PEM, mode 0600) for mutual TLS.
+    pub client_certificate: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub keep_alive_s: u64,
+    /// Actions MQTT commands may take on every lock (`lock`, `unlock`, `pull`, `read`);
+    /// `[[permissions]]` rules with `origin = "mqtt"` can add more per lock.
+    pub allow: Vec<Action>,
+    /// How often `<root>/metrics` is published.
+    pub metrics_interval_s: u64,
+    /// Reconnect delays: doubling from the first to the cap, with jitter.
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_s: u64,
+    /// Home Assistant MQTT discovery.
+    pub home_assistant: bool,
+    pub discovery_prefix: String,
+}
+
+impl Default for Mqtt {
+    fn default() -> Self {
+        Mqtt {
+            broker: String::new(),
+            protocol: "5".into(),
+            root: String::new(),
+            client_id: String::new(),
+            username: None,
+            password_file: None,
+            tls: false,
+            ca: None,
+            client_certificate: None,
+            client_key: None,
+            keep_alive_s: 30,
+            allow: vec![Action::Lock, Action::Unlock],
+            metrics_interval_s: 60,
+            reconnect_min_ms: 500,
+            reconnect_max_s: 60,
+            home_assistant: true,
+            discovery_prefix: "homeassistant".into(),
+        }
+    }
+}
+
+impl Config {
+    /// The MQTT topic root.
+    pub fn mqtt_root(&self) -> String {
+        if self.mqtt.root.is_empty() {
+            format!("lockbridge/{}", self.gateway.id)
+        } else {
+            self.mqtt.root.trim_end_matches('/').to_string()
+        }
+    }
+
+    /// The MQTT client id.
+    pub fn mqtt_client_id(&self) -> String {
+        if self.mqtt.client_id.is_empty() {
+            format!("lockbridge-{}", self.gateway.id)
+        } else {
+            self.mqtt.client_id.clone()
         }
     }
 }
@@ -686,6 +771,76 @@ impl Config {
                 _ => {}
             }
         }
+        if !self.mqtt.broker.is_empty() {
+            let m = &self.mqtt;
+            let host_port = m
+                .broker
+                .rsplit_once(':')
+                .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if host_port.is_none() {
+                return Err(err(
+                    "mqtt.broker".into(),
+                    format!("{:?} is not HOST:PORT", m.broker),
+                ));
+            }
+            if m.protocol != "5" && m.protocol != "3.1.1" {
+                return Err(err(
+                    "mqtt.protocol".into(),
+                    format!("{:?}: use \"5\" or \"3.1.1\"", m.protocol),
+                ));
+            }
+            let root = self.mqtt_root();
+            if root.is_empty() || root.contains(['+', '#']) {
+                return Err(err(
+                    "mqtt.root".into(),
+                    format!("{root:?}: a topic without wildcards"),
+                ));
+            }
+            if m.keep_alive_s < 5 || m.reconnect_min_ms == 0 || m.reconnect_max_s == 0 {
+                return Err(err(
+                    "mqtt.keep_alive_s".into(),
+                    "keep_alive_s must be at least 5 and reconnect delays at least 1".into(),
+                ));
+            }
+            if m.metrics_interval_s == 0 {
+                return Err(err(
+                    "mqtt.metrics_interval_s".into(),
+                    "must be at least 1".into(),
+                ));
+            }
+            if m.client_certificate.is_some() != m.client_key.is_some() {
+                return Err(err(
+                    "mqtt.client_certificate".into(),
+                    "give both client_certificate and client_key, or neither".into(),
+                ));
+            }
+            if (m.client_certificate.is_some() || m.ca.is_some()) && !m.tls {
+                return Err(err(
+                    "mqtt.tls".into(),
+                    "ca and client certificates need tls = true".into(),
+                ));
+            }
+            if let Some(f) = &m.password_file {
+                if m.username.is_none() {
+                    return Err(err(
+                        "mqtt.password_file".into(),
+                        "a password needs mqtt.username".into(),
+                    ));
+                }
+                read_private(&self.gateway.state_dir.join(f))
+                    .map_err(|e| err("mqtt.password_file".into(), e))?;
+            }
+            if let Some(f) = &m.client_key {
+                read_private(&self.gateway.state_dir.join(f))
+                    .map_err(|e| err("mqtt.client_key".into(), e))?;
+            }
+        }
+        if self.coap.clients.iter().any(|c| c.identity == "mqtt") {
+            return Err(err(
+                "coap.clients".into(),
+                "\"mqtt\" is the MQTT bridge's origin; pick another identity".into(),
+            ));
+        }
         for (i, p) in self.permissions.iter().enumerate() {
             if p.origin.is_empty() {
                 return Err(err(
@@ -707,9 +862,11 @@ impl Config {
 
     /// Whether `who` may do `action` on lock `lock`.
     pub fn allows(&self, who: &Who, lock: &str, action: Action) -> bool {
-        self.permissions
-            .iter()
-            .any(|p| p.matches(who, lock, action))
+        (who.origin == MQTT_ORIGIN && self.mqtt.allow.contains(&action))
+            || self
+                .permissions
+                .iter()
+                .any(|p| p.matches(who, lock, action))
     }
 }
 

@@ -27,11 +27,15 @@ pub const EXIT_CONFIG: u8 = 78; // EX_CONFIG
 pub struct Daemon {
     pub supervisor: Arc<Supervisor>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    mqtt: Option<crate::mqtt::Bridge>,
 }
 
 /// Bring the daemon up: the caller then waits for its shutdown signal and calls
 /// [`Daemon::stop`].
 pub async fn start(config: Config) -> anyhow::Result<Daemon> {
+    // rustls (MQTT over TLS) uses ring, the provider webrtc-dtls already brings; installing it
+    // explicitly keeps rustls from looking for a default. Already installed is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let config = Arc::new(config);
     let key_path = config.key_path();
     let gateway_key = keys::load(&key_path).context("gateway key")?;
@@ -81,9 +85,11 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         .with_context(|| format!("control socket {}", config.control.socket.display()))?;
     let mut tasks = vec![tokio::spawn(control::serve(listener, supervisor.clone()))];
     let coap = crate::cloud::start(&config, supervisor.clone()).await?;
-    if let Some((_, task)) = coap {
-        tasks.push(task);
+    let dtls_stats = coap.as_ref().map(|c| c.stats.clone());
+    if let Some(c) = coap {
+        tasks.push(c.task);
     }
+    let mqtt = crate::mqtt::start(&config, supervisor.clone(), dtls_stats)?;
     tasks.push(tokio::spawn(liveness(supervisor.clone())));
     log::info!(
         "lockbridge {} up: gateway {}, {} locks, {} connection slots, control socket {}",
@@ -100,7 +106,11 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
     if let Some(interval) = systemd::watchdog_interval() {
         tasks.push(tokio::spawn(watchdog(supervisor.clone(), interval)));
     }
-    Ok(Daemon { supervisor, tasks })
+    Ok(Daemon {
+        supervisor,
+        tasks,
+        mqtt,
+    })
 }
 
 impl Daemon {
@@ -108,6 +118,9 @@ impl Daemon {
         systemd::notify("STOPPING=1");
         log::info!("stopping: no new commands; finishing in-flight ones");
         self.supervisor.shutdown(SHUTDOWN_LIMIT).await;
+        if let Some(bridge) = self.mqtt {
+            bridge.stop().await;
+        }
         for t in &self.tasks {
             t.abort();
         }

@@ -3,8 +3,10 @@
 //! # Architecture map
 //!
 //! ```text
-//!  control socket (cli) ─► supervisor ─► session (one task per lock) ─► driver ─► ptls::Client ─► link (BlueZ | sim) ─► lock
-//!                            │ registry · ledger + idstore · slots
+//!  control socket (cli) ──┐
+//!  CoAP/DTLS (cloud) ─────┼► supervisor ─► session (one task per lock) ─► driver ─► ptls::Client ─► link (BlueZ | sim) ─► lock
+//!  MQTT bridge (mqtt) ────┘  │ registry (state, events) ─► CoAP Observe, MQTT state
+//!                            │ ledger + idstore · slots
 //!  sim::model::Lock ⇄ ptls::Server (one per connection) ⇄ sim::serve ⇄ sim socket
 //! ```
 //!
@@ -33,6 +35,9 @@
 //!   configuration chosen from the ClientHello), [`cloud::certs`] (the gateway's certificate,
 //!   client certificates by CA or pinned key) and [`cloud::coap`] (the resources, with the
 //!   client's identity as the command origin).
+//! - [`mqtt`] — the MQTT bridge on rumqttc: state, availability, events and metrics out,
+//!   commands in with results on `<root>/locks/<lock>/result`, Home Assistant discovery;
+//!   [`mqtt::client`] hides the protocol version and reconnects with backoff.
 //! - [`ctl`] — `lockbridge ctl`, the CoAP-over-DTLS client.
 //! - [`daemon`] — `lockbridge run`; [`control`] — the local control socket; [`systemd`] —
 //!   sd_notify and the watchdog; [`telemetry`] — logging; [`demo`] — `lockbridge demo`.
@@ -52,6 +57,7 @@ pub mod idstore;
 pub mod keys;
 pub mod ledger;
 pub mod link;
+pub mod mqtt;
 pub mod ptls;
 pub mod registry;
 pub mod session;

@@ -80,9 +80,40 @@ pub enum GatewayEvent {
     },
 }
 
+/// Counts of what went through the event stream, for metrics.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Counters {
+    /// Terminal outcomes by status (a repeated id's remembered outcome is not counted again).
+    pub commands: BTreeMap<&'static str, u64>,
+    /// PTLS sessions established.
+    pub handshakes: u64,
+    pub session_drops: u64,
+    /// Lock alerts by name.
+    pub alerts: BTreeMap<String, u64>,
+    pub stalls: u64,
+}
+
+impl Counters {
+    fn count(&mut self, event: &GatewayEvent) {
+        match event {
+            GatewayEvent::Command { report } if !report.repeated => {
+                if let Some(outcome) = report.outcome() {
+                    *self.commands.entry(outcome.status()).or_default() += 1;
+                }
+            }
+            GatewayEvent::SessionUp { .. } => self.handshakes += 1,
+            GatewayEvent::SessionDown { .. } => self.session_drops += 1,
+            GatewayEvent::Alert { name, .. } => *self.alerts.entry(name.clone()).or_default() += 1,
+            GatewayEvent::Stalled { .. } => self.stalls += 1,
+            _ => {}
+        }
+    }
+}
+
 pub struct Registry {
     locks: RwLock<BTreeMap<String, LockView>>,
     events: broadcast::Sender<GatewayEvent>,
+    counters: std::sync::Mutex<Counters>,
 }
 
 impl Registry {
@@ -90,7 +121,15 @@ impl Registry {
         Registry {
             locks: RwLock::new(views.into_iter().map(|v| (v.id.clone(), v)).collect()),
             events: broadcast::channel(1024).0,
+            counters: std::sync::Mutex::new(Counters::default()),
         }
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<GatewayEvent> {
@@ -98,6 +137,10 @@ impl Registry {
     }
 
     pub fn publish(&self, event: GatewayEvent) {
+        self.counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .count(&event);
         let _ = self.events.send(event);
     }
 

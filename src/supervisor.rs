@@ -144,6 +144,17 @@ impl Supervisor {
         }
     }
 
+    /// Commands waiting in each lock's queue.
+    pub fn queue_depths(&self) -> std::collections::BTreeMap<String, usize> {
+        self.queues
+            .iter()
+            .map(|(id, q)| {
+                let q = q.lock().unwrap_or_else(|p| p.into_inner());
+                (id.clone(), q.max_capacity() - q.capacity())
+            })
+            .collect()
+    }
+
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
     }

@@ -25,6 +25,9 @@ command -v kill >/dev/null || apt_packages+=(procps)
 command -v coap-client-openssl >/dev/null || apt_packages+=(libcoap3-bin)
 command -v openssl >/dev/null || apt_packages+=(openssl)
 command -v gnutls-cli >/dev/null || apt_packages+=(gnutls-bin)
+# The MQTT bridge's tests run a real broker and talk to it with mosquitto's own clients.
+command -v mosquitto >/dev/null || [[ -x /usr/sbin/mosquitto ]] || apt_packages+=(mosquitto)
+command -v mosquitto_sub >/dev/null || apt_packages+=(mosquitto-clients)
 if ((${#apt_packages[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "tests/run.sh: missing ${apt_packages[*]}; run as root or: apt-get install ${apt_packages[*]}" >&2

@@ -60,6 +60,24 @@ pub fn load_identity(cert_path: &Path, key_path: &Path) -> anyhow::Result<Certif
     })
 }
 
+/// A PEM private key (mode 0600) for rustls: PKCS#8, SEC1 (EC) or PKCS#1 (RSA).
+pub fn read_private_key(path: &Path) -> anyhow::Result<rustls::pki_types::PrivateKeyDer<'static>> {
+    use rustls::pki_types::{
+        PrivateKeyDer, PrivatePkcs1KeyDer, PrivatePkcs8KeyDer, PrivateSec1KeyDer,
+    };
+    let text = crate::config::read_private(path).map_err(|e| anyhow!(e))?;
+    let block = pem::parse(text.as_bytes())
+        .map_err(|e| anyhow!("{}: not a PEM private key: {e}", path.display()))?;
+    let tag = block.tag().to_string();
+    let der = block.into_contents();
+    Ok(match tag.as_str() {
+        "PRIVATE KEY" => PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der)),
+        "EC PRIVATE KEY" => PrivateKeyDer::Sec1(PrivateSec1KeyDer::from(der)),
+        "RSA PRIVATE KEY" => PrivateKeyDer::Pkcs1(PrivatePkcs1KeyDer::from(der)),
+        other => bail!("{}: a {other:?} block, not a private key", path.display()),
+    })
+}
+
 /// A root store from a PEM file of CA certificates.
 pub fn load_roots(path: &Path) -> anyhow::Result<rustls::RootCertStore> {
     let mut roots = rustls::RootCertStore::empty();

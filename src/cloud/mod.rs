@@ -138,11 +138,18 @@ fn certificate_config(
     }
 }
 
-/// Bind the UDP port and serve until the task is aborted. Returns the bound address.
+/// The running endpoint.
+pub struct Started {
+    pub addr: std::net::SocketAddr,
+    pub task: tokio::task::JoinHandle<()>,
+    pub stats: Arc<dtls::Stats>,
+}
+
+/// Bind the UDP port and serve until the task is aborted.
 pub async fn start(
     config: &Config,
     supervisor: Arc<Supervisor>,
-) -> anyhow::Result<Option<(std::net::SocketAddr, tokio::task::JoinHandle<()>)>> {
+) -> anyhow::Result<Option<Started>> {
     if config.coap.listen.is_empty() {
         return Ok(None);
     }
@@ -182,9 +189,12 @@ pub async fn start(
     let socket = Arc::new(socket);
     let limits = endpoint.limits.clone();
     let stats = endpoint.stats.clone();
-    let task = tokio::spawn(dtls::demultiplex(socket, limits, stats, move |peer| {
-        coap::serve_peer(peer, endpoint.clone())
-    }));
+    let task = tokio::spawn(dtls::demultiplex(
+        socket,
+        limits,
+        stats.clone(),
+        move |peer| coap::serve_peer(peer, endpoint.clone()),
+    ));
     log::info!("coap: CoAP over DTLS on udp {addr}");
-    Ok(Some((addr, task)))
+    Ok(Some(Started { addr, task, stats }))
 }

@@ -1,0 +1,533 @@
+//! The MQTT bridge (design §7): lock state, availability, events and metrics out; commands in,
+//! with every progress step and the outcome on `<root>/locks/<lock>/result`.
+//!
+//! One task owns the bridge: it reads the registry's event stream and what [`client::drive`]
+//! receives, and publishes without ever waiting on the broker (a full queue marks the state
+//! dirty and it is published again from the registry, the outbox, a second later). Each
+//! command's reports go out from a task of their own. On every ConnAck it subscribes again and
+//! publishes `online`, discovery and the latest state of every lock, so a reconnect leaves the
+//! retained topics current. Commands are subscribed with a clean session, so nothing queued
+//! while the gateway was away fires later; a retained command is answered `denied` and never
+//! executed.
+
+pub mod client;
+pub mod payload;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use tokio::sync::{broadcast, mpsc};
+
+use crate::command::{Outcome, Report, Step};
+use crate::config::{Config, MQTT_ORIGIN, Who};
+use crate::registry::{GatewayEvent, LockView};
+use crate::supervisor::{Request, Supervisor};
+use client::{Client, EventLoop, Incoming, Message, Out};
+
+/// The running bridge.
+pub struct Bridge {
+    client: Client,
+    status_topic: String,
+    task: tokio::task::JoinHandle<()>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Bridge {
+    /// Publish `offline` and disconnect (the last will covers a crash).
+    pub async fn stop(self) {
+        let out = Out {
+            topic: &self.status_topic,
+            retain: true,
+            correlation: None,
+        };
+        self.task.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            self.client.publish(out, b"offline".to_vec()).await;
+            self.client.disconnect().await;
+            // Let the event loop write both before it is stopped.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        })
+        .await;
+        self.driver.abort();
+    }
+}
+
+/// Connect to the configured broker (in the background) and bridge until stopped. `dtls_peers`
+/// reports the CoAP endpoint's peers in the metrics.
+pub fn start(
+    config: &Config,
+    supervisor: Arc<Supervisor>,
+    dtls_peers: Option<Arc<crate::cloud::dtls::Stats>>,
+) -> anyhow::Result<Option<Bridge>> {
+    if config.mqtt.broker.is_empty() {
+        return Ok(None);
+    }
+    let root = config.mqtt_root();
+    let topics = Topics::new(&root, &config.mqtt.discovery_prefix);
+    let (client, eventloop) = connection(config, &topics).context("mqtt")?;
+    let (tx, rx) = mpsc::channel(256);
+    let reconnects = Arc::new(AtomicU64::new(0));
+    let backoff = client::Backoff::new(
+        Duration::from_millis(config.mqtt.reconnect_min_ms),
+        Duration::from_secs(config.mqtt.reconnect_max_s),
+    );
+    let driver = tokio::spawn(client::drive(
+        eventloop,
+        tx,
+        backoff,
+        reconnects.clone(),
+        config.mqtt.broker.clone(),
+    ));
+    let events = supervisor.registry().subscribe();
+    let status_topic = topics.status.clone();
+    let bridge = Task {
+        client: client.clone(),
+        topics,
+        supervisor,
+        reconnects,
+        dtls_peers,
+        connected: false,
+        dirty: false,
+        started: std::time::Instant::now(),
+        retained_refused: 0,
+    };
+    let task = tokio::spawn(bridge.run(rx, events));
+    log::info!("mqtt: bridging to {} under {root}", config.mqtt.broker);
+    Ok(Some(Bridge {
+        client,
+        status_topic,
+        task,
+        driver,
+    }))
+}
+
+/// The topics of one gateway.
+struct Topics {
+    root: String,
+    status: String,
+    events: String,
+    metrics: String,
+    set_filter: String,
+    ha_status: String,
+    discovery_prefix: String,
+}
+
+impl Topics {
+    fn new(root: &str, discovery_prefix: &str) -> Topics {
+        Topics {
+            root: root.to_string(),
+            status: format!("{root}/status"),
+            events: format!("{root}/events"),
+            metrics: format!("{root}/metrics"),
+            set_filter: format!("{root}/locks/+/set"),
+            ha_status: format!("{discovery_prefix}/status"),
+            discovery_prefix: discovery_prefix.to_string(),
+        }
+    }
+
+    fn lock(&self, id: &str, leaf: &str) -> String {
+        format!("{}/locks/{id}/{leaf}", self.root)
+    }
+
+    /// The lock a `<root>/locks/<lock>/set` topic names.
+    fn set_lock<'a>(&self, topic: &'a str) -> Option<&'a str> {
+        let rest = topic.strip_prefix(&self.root)?.strip_prefix("/locks/")?;
+        let lock = rest.strip_suffix("/set")?;
+        (!lock.is_empty() && !lock.contains('/')).then_some(lock)
+    }
+}
+
+/// rumqttc's client and event loop for the configured protocol, TLS and credentials, with the
+/// last will `offline` on the status topic and a clean session.
+fn connection(config: &Config, topics: &Topics) -> anyhow::Result<(Client, EventLoop)> {
+    let m = &config.mqtt;
+    let (host, port) = m
+        .broker
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.trim_matches(['[', ']']).to_string(), p.parse().ok()?)))
+        .context("mqtt.broker is not HOST:PORT")?;
+    let password = match &m.password_file {
+        Some(f) => Some(
+            crate::config::read_private(&config.gateway.state_dir.join(f))
+                .map_err(|e| anyhow::anyhow!("mqtt.password_file: {e}"))?,
+        ),
+        None => None,
+    };
+    let transport = if m.tls {
+        Some(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(Arc::new(tls_config(config)?)),
+        ))
+    } else {
+        None
+    };
+    let keep_alive = Duration::from_secs(m.keep_alive_s);
+    const QUEUE: usize = 1024;
+    if m.protocol == "3.1.1" {
+        let mut o = rumqttc::MqttOptions::new(config.mqtt_client_id(), host, port);
+        o.set_keep_alive(keep_alive)
+            .set_clean_session(true)
+            .set_last_will(rumqttc::LastWill::new(
+                &topics.status,
+                "offline",
+                rumqttc::QoS::AtLeastOnce,
+                true,
+            ));
+        if let (Some(user), Some(pass)) = (&m.username, &password) {
+            o.set_credentials(user.clone(), pass.trim().to_string());
+        } else if let Some(user) = &m.username {
+            o.set_credentials(user.clone(), "");
+        }
+        if let Some(t) = transport {
+            o.set_transport(t);
+        }
+        let (c, e) = rumqttc::AsyncClient::new(o, QUEUE);
+        Ok((Client::V311(c), EventLoop::V311(Box::new(e))))
+    } else {
+        let mut o = rumqttc::v5::MqttOptions::new(config.mqtt_client_id(), host, port);
+        o.set_keep_alive(keep_alive)
+            .set_clean_start(true)
+            .set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+                &topics.status,
+                "offline",
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                true,
+                None,
+            ));
+        if let Some(user) = &m.username {
+            let pass = password.as_ref().map(|p| p.trim().to_string());
+            o.set_credentials(user.clone(), pass.unwrap_or_default());
+        }
+        if let Some(t) = transport {
+            o.set_transport(t);
+        }
+        let (c, e) = rumqttc::v5::AsyncClient::new(o, QUEUE);
+        Ok((Client::V5(c), EventLoop::V5(Box::new(e))))
+    }
+}
+
+/// rustls for the broker: its certificate checked against `mqtt.ca` or the system's roots,
+/// and a client certificate when configured.
+fn tls_config(config: &Config) -> anyhow::Result<rustls::ClientConfig> {
+    let m = &config.mqtt;
+    let dir = &config.gateway.state_dir;
+    let ca =
+        m.ca.as_ref()
+            .map(|p| dir.join(p))
+            .unwrap_or_else(|| "/etc/ssl/certs/ca-certificates.crt".into());
+    let roots = crate::cloud::certs::load_roots(&ca).context("mqtt.ca")?;
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    match (&m.client_certificate, &m.client_key) {
+        (Some(cert), Some(key)) => {
+            let chain = crate::cloud::certs::read_certificates(&dir.join(cert))
+                .context("mqtt.client_certificate")?;
+            let key =
+                crate::cloud::certs::read_private_key(&dir.join(key)).context("mqtt.client_key")?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .context("mqtt.client_certificate / mqtt.client_key")
+        }
+        _ => Ok(builder.with_no_client_auth()),
+    }
+}
+
+/// The bridge's own state, owned by its task.
+struct Task {
+    client: Client,
+    topics: Topics,
+    supervisor: Arc<Supervisor>,
+    reconnects: Arc<AtomicU64>,
+    dtls_peers: Option<Arc<crate::cloud::dtls::Stats>>,
+    connected: bool,
+    /// A publish did not fit in the queue: publish every lock's state again.
+    dirty: bool,
+    started: std::time::Instant,
+    retained_refused: u64,
+}
+
+impl Task {
+    async fn run(
+        mut self,
+        mut incoming: mpsc::Receiver<Incoming>,
+        mut events: broadcast::Receiver<GatewayEvent>,
+    ) {
+        let config = self.supervisor.config().clone();
+        let mut metrics =
+            tokio::time::interval(Duration::from_secs(config.mqtt.metrics_interval_s));
+        let mut retry = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                i = incoming.recv() => match i {
+                    Some(Incoming::Connected) => self.on_connect(),
+                    Some(Incoming::Message(m)) => self.on_message(m),
+                    None => return,
+                },
+                e = events.recv() => match e {
+                    Ok(event) => self.on_event(event),
+                    // Missed events: the registry still has the latest state of every lock.
+                    Err(broadcast::error::RecvError::Lagged(_)) => self.dirty = true,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                _ = metrics.tick() => self.publish_metrics(),
+                _ = retry.tick() => {
+                    if self.dirty && self.connected {
+                        self.dirty = false;
+                        self.publish_all_states();
+                    }
+                }
+            }
+        }
+    }
+
+    fn publish(&mut self, topic: &str, retain: bool, payload: Vec<u8>) {
+        let out = Out {
+            topic,
+            retain,
+            correlation: None,
+        };
+        if !self.client.try_publish(out, payload) {
+            self.dirty = true;
+        }
+    }
+
+    fn on_connect(&mut self) {
+        self.connected = true;
+        let config = self.supervisor.config().clone();
+        let mut filters = vec![self.topics.set_filter.clone()];
+        if config.mqtt.home_assistant {
+            filters.push(self.topics.ha_status.clone());
+        }
+        if !self.client.try_subscribe(&filters) {
+            log::warn!("mqtt: could not queue the subscriptions");
+        }
+        let status = self.topics.status.clone();
+        self.publish(&status, true, b"online".to_vec());
+        if config.mqtt.home_assistant {
+            self.publish_discovery();
+        }
+        self.publish_all_states();
+    }
+
+    fn publish_all_states(&mut self) {
+        for view in self.supervisor.registry().all() {
+            self.publish_state(&view);
+        }
+    }
+
+    fn publish_state(&mut self, view: &LockView) {
+        let state = payload::state(view).to_string().into_bytes();
+        let topic = self.topics.lock(&view.id, "state");
+        self.publish(&topic, true, state);
+        let topic = self.topics.lock(&view.id, "availability");
+        self.publish(
+            &topic,
+            true,
+            payload::availability(view).as_bytes().to_vec(),
+        );
+    }
+
+    fn publish_discovery(&mut self) {
+        let config = self.supervisor.config().clone();
+        let mut d = payload::Discovery {
+            prefix: &self.topics.discovery_prefix.clone(),
+            root: &self.topics.root.clone(),
+            gateway: &config.gateway.id,
+            open: false,
+        };
+        let (topic, doc) = payload::gateway_discovery(&d, env!("CARGO_PKG_VERSION"));
+        self.publish(&topic, true, doc.to_string().into_bytes());
+        for view in self.supervisor.registry().all() {
+            d.open = may_pull(&config, &view.id);
+            for (topic, doc) in payload::discovery(&d, &view) {
+                self.publish(&topic, true, doc.to_string().into_bytes());
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: GatewayEvent) {
+        match &event {
+            GatewayEvent::LockChanged { lock } => {
+                if self.connected {
+                    self.publish_state(lock);
+                } else {
+                    self.dirty = true;
+                }
+                return;
+            }
+            // Each step of every command, whoever sent it; MQTT's own also go to `result`.
+            GatewayEvent::Command { report } if report.outcome().is_none() => return,
+            _ => {}
+        }
+        if let Ok(json) = serde_json::to_vec(&event) {
+            let topic = self.topics.events.clone();
+            // Events are not retained and not re-sent: a full queue drops one.
+            let _ = self.client.try_publish(
+                Out {
+                    topic: &topic,
+                    retain: false,
+                    correlation: None,
+                },
+                json,
+            );
+        }
+    }
+
+    fn on_message(&mut self, m: Message) {
+        if m.topic == self.topics.ha_status {
+            if m.payload.as_ref() == b"online" {
+                log::info!("mqtt: Home Assistant is online; announcing the locks again");
+                self.publish_discovery();
+                self.publish_all_states();
+            }
+            return;
+        }
+        let Some(lock) = self.topics.set_lock(&m.topic).map(str::to_string) else {
+            return;
+        };
+        let parsed = payload::parse_set(&m.payload);
+        let id = parsed.as_ref().ok().and_then(|c| c.id.clone());
+        let refuse = |reason: String| {
+            log::warn!("mqtt: command for {lock} refused: {reason}");
+            Outcome::Denied { reason }
+        };
+        let early = if m.retain {
+            // A retained command would fire again on every reconnect: never execute one.
+            self.retained_refused += 1;
+            Some(refuse(
+                "retained command; publish commands without the retain flag".into(),
+            ))
+        } else {
+            match &parsed {
+                Err(e) => {
+                    log::warn!("mqtt: bad command for {lock}: {e}");
+                    Some(Outcome::failed(format!("invalid-command: {e}")))
+                }
+                Ok(_) => None,
+            }
+        };
+        let reply = Reply {
+            client: self.client.clone(),
+            result_topic: self.topics.lock(&lock, "result"),
+            response_topic: m.response_topic,
+            correlation: m.correlation,
+        };
+        if let Some(outcome) = early {
+            let report = Report {
+                id: id.unwrap_or_else(|| "-".into()),
+                lock,
+                action: parsed
+                    .map(|c| c.action)
+                    .unwrap_or(crate::command::Action::Read),
+                step: Step::Done { outcome },
+                repeated: false,
+            };
+            tokio::spawn(async move { reply.send(&report).await });
+            return;
+        }
+        let Ok(cmd) = parsed else { return };
+        let mut reports = self.supervisor.submit(Request {
+            id: cmd.id,
+            lock,
+            action: cmd.action,
+            mode: cmd.mode,
+            ttl: cmd.ttl,
+            origin: MQTT_ORIGIN.into(),
+            source: None,
+        });
+        tokio::spawn(async move {
+            while let Some(report) = reports.recv().await {
+                let done = report.outcome().is_some();
+                reply.send(&report).await;
+                if done {
+                    break;
+                }
+            }
+        });
+    }
+
+    fn publish_metrics(&mut self) {
+        let counters = self.supervisor.registry().counters();
+        let doc = serde_json::json!({
+            "uptime_s": self.started.elapsed().as_secs(),
+            "commands": counters.commands,
+            "handshakes": counters.handshakes,
+            "session_drops": counters.session_drops,
+            "alerts": counters.alerts,
+            "stalls": counters.stalls,
+            "mqtt_reconnects": self.reconnects.load(Ordering::Relaxed),
+            "mqtt_retained_commands_refused": self.retained_refused,
+            "dtls_peers": self.dtls_peers.as_ref().map(|s| s.peers.load(Ordering::Relaxed)),
+            "queue_depths": self.supervisor.queue_depths(),
+        });
+        let topic = self.topics.metrics.clone();
+        let _ = self.client.try_publish(
+            Out {
+                topic: &topic,
+                retain: false,
+                correlation: None,
+            },
+            doc.to_string().into_bytes(),
+        );
+    }
+}
+
+/// Whether the MQTT origin may pull `lock` (Home Assistant then offers OPEN).
+fn may_pull(config: &Config, lock: &str) -> bool {
+    let who = Who::now(MQTT_ORIGIN, None);
+    config.allows(&who, lock, crate::command::Action::Pull)
+}
+
+/// Where a command's reports go: its lock's result topic and, under MQTT 5, the response
+/// topic the command named, with its correlation data.
+struct Reply {
+    client: Client,
+    result_topic: String,
+    response_topic: Option<String>,
+    correlation: Option<Bytes>,
+}
+
+impl Reply {
+    async fn send(&self, report: &Report) {
+        let Ok(json) = serde_json::to_vec(report) else {
+            return;
+        };
+        let out = Out {
+            topic: &self.result_topic,
+            retain: false,
+            correlation: self.correlation.clone(),
+        };
+        self.client.publish(out, json.clone()).await;
+        if let Some(topic) = &self.response_topic {
+            let out = Out {
+                topic,
+                retain: false,
+                correlation: self.correlation.clone(),
+            };
+            self.client.publish(out, json).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_topics_name_one_lock() {
+        let t = Topics::new("lockbridge/hub-1", "homeassistant");
+        assert_eq!(
+            t.set_lock("lockbridge/hub-1/locks/front/set"),
+            Some("front")
+        );
+        assert_eq!(t.set_lock("lockbridge/hub-1/locks/front/state"), None);
+        assert_eq!(t.set_lock("lockbridge/hub-1/locks//set"), None);
+        assert_eq!(t.set_lock("lockbridge/hub-1/locks/a/b/set"), None);
+        assert_eq!(t.set_lock("lockbridge/hub-2/locks/front/set"), None);
+        assert_eq!(
+            t.lock("front", "result"),
+            "lockbridge/hub-1/locks/front/result"
+        );
+    }
+}

@@ -1,0 +1,273 @@
+//! What goes over MQTT, as pure functions: command payloads in, state, availability and Home
+//! Assistant discovery documents out. The topic layout is design §7.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::command::{Action, Mode};
+use crate::registry::LockView;
+
+/// A command as it arrived on `<root>/locks/<lock>/set`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SetCommand {
+    pub action: Action,
+    pub mode: Mode,
+    pub id: Option<String>,
+    pub ttl: Option<Duration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonCommand {
+    action: String,
+    #[serde(default)]
+    mode: Option<String>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    ttl_s: Option<u64>,
+}
+
+/// Longest accepted command id, so a client cannot fill the id store with huge keys.
+const MAX_ID: usize = 128;
+
+/// Parse a command: JSON `{"action","mode","id","ttl_s"}` or Home Assistant's plain
+/// `LOCK`, `UNLOCK` and `OPEN` (pull the latch). The error says what is wrong.
+pub fn parse_set(payload: &[u8]) -> Result<SetCommand, String> {
+    let text = std::str::from_utf8(payload).map_err(|_| "the payload is not UTF-8".to_string())?;
+    let text = text.trim();
+    let plain = match text.to_ascii_uppercase().as_str() {
+        "LOCK" => Some(Action::Lock),
+        "UNLOCK" => Some(Action::Unlock),
+        "OPEN" => Some(Action::Pull),
+        _ => None,
+    };
+    if let Some(action) = plain {
+        return Ok(SetCommand {
+            action,
+            mode: Mode::Normal,
+            id: None,
+            ttl: None,
+        });
+    }
+    if !text.starts_with('{') {
+        return Err(format!(
+            "{:?}: send LOCK, UNLOCK, OPEN or JSON {{\"action\": \"unlock\", \"id\": \"…\"}}",
+            truncate(text, 40)
+        ));
+    }
+    let c: JsonCommand = serde_json::from_str(text).map_err(|e| format!("JSON: {e}"))?;
+    let action: Action = c.action.parse()?;
+    let mode = match c.mode.as_deref() {
+        None => Mode::Normal,
+        Some(m) => m.parse()?,
+    };
+    if let Some(id) = &c.id {
+        if id.is_empty() || id.len() > MAX_ID || id.chars().any(char::is_control) {
+            return Err(format!(
+                "id: 1 to {MAX_ID} characters without control characters"
+            ));
+        }
+    }
+    if c.ttl_s == Some(0) {
+        return Err("ttl_s: at least 1".into());
+    }
+    Ok(SetCommand {
+        action,
+        mode,
+        id: c.id,
+        ttl: c.ttl_s.map(Duration::from_secs),
+    })
+}
+
+fn truncate(s: &str, n: usize) -> &str {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// The retained `<root>/locks/<lock>/state` document.
+pub fn state(view: &LockView) -> Value {
+    let secs = |ms: u64| ms / 1000;
+    json!({
+        "state": view.state,
+        "jammed": view.jammed,
+        "status": view.status,
+        "battery": view.battery,
+        "charging": view.charging,
+        "rssi": view.rssi,
+        "available": view.available,
+        "session": {
+            "established_at": view.session_established_ms.map(secs),
+            "expires_at": view.session_expires_ms.map(secs),
+        },
+        "updated_at": secs(view.updated_ms),
+        "last_error": view.last_error,
+    })
+}
+
+/// `online` or `offline` for `<root>/locks/<lock>/availability`.
+pub fn availability(view: &LockView) -> &'static str {
+    if view.available { "online" } else { "offline" }
+}
+
+/// What Home Assistant discovery needs to know beyond a lock's view.
+pub struct Discovery<'a> {
+    pub prefix: &'a str,
+    pub root: &'a str,
+    pub gateway: &'a str,
+    /// Offer `OPEN` (pull the latch): the MQTT origin may pull this lock.
+    pub open: bool,
+}
+
+/// The gateway's own device, which every lock names as `via_device`.
+fn gateway_device_id(gateway: &str) -> String {
+    format!("lockbridge_{gateway}")
+}
+
+/// Discovery documents for one lock: (topic, retained payload) for the lock entity and its
+/// battery and signal-strength sensors.
+pub fn discovery(d: &Discovery, view: &LockView) -> Vec<(String, Value)> {
+    let node = gateway_device_id(d.gateway);
+    let object = view.id.replace('.', "_");
+    let lock_topic = format!("{}/locks/{}", d.root, view.id);
+    let device = json!({
+        "identifiers": [format!("{node}_{object}")],
+        "name": view.id,
+        "manufacturer": "Tedee",
+        "model": "Lock",
+        "serial_number": view.serial,
+        "via_device": node,
+    });
+    // Gateway and lock must both be online.
+    let availability = json!([
+        {"topic": format!("{}/status", d.root)},
+        {"topic": format!("{lock_topic}/availability")},
+    ]);
+    let state_topic = format!("{lock_topic}/state");
+    let mut lock = json!({
+        "name": null,
+        "unique_id": format!("{node}_{object}_lock"),
+        "device": device,
+        "availability": availability,
+        "availability_mode": "all",
+        "command_topic": format!("{lock_topic}/set"),
+        "state_topic": state_topic,
+        "value_template": LOCK_STATE_TEMPLATE,
+        "payload_lock": "LOCK",
+        "payload_unlock": "UNLOCK",
+        "state_locked": "LOCKED",
+        "state_unlocked": "UNLOCKED",
+        "state_locking": "LOCKING",
+        "state_unlocking": "UNLOCKING",
+        "state_jammed": "JAMMED",
+        "state_open": "OPEN",
+        "state_opening": "OPENING",
+        "json_attributes_topic": state_topic,
+        "json_attributes_template": "{{ {'status': value_json.status, 'charging': value_json.charging} | tojson }}",
+        "optimistic": false,
+        "qos": 1,
+    });
+    if d.open {
+        lock["payload_open"] = json!("OPEN");
+    }
+    let sensor = |kind: &str, class: &str, unit: &str, field: &str| {
+        json!({
+            "name": null,
+            "unique_id": format!("{node}_{object}_{kind}"),
+            "device": {"identifiers": [format!("{node}_{object}")]},
+            "availability": availability,
+            "availability_mode": "all",
+            "state_topic": state_topic,
+            "value_template": format!("{{{{ value_json.{field} }}}}"),
+            "device_class": class,
+            "unit_of_measurement": unit,
+            "state_class": "measurement",
+            "entity_category": "diagnostic",
+        })
+    };
+    vec![
+        (format!("{}/lock/{node}/{object}/config", d.prefix), lock),
+        (
+            format!("{}/sensor/{node}/{object}_battery/config", d.prefix),
+            sensor("battery", "battery", "%", "battery"),
+        ),
+        (
+            format!("{}/sensor/{node}/{object}_rssi/config", d.prefix),
+            sensor("rssi", "signal_strength", "dBm", "rssi"),
+        ),
+    ]
+}
+
+/// The gateway's device and its connectivity sensor (from `<root>/status`).
+pub fn gateway_discovery(d: &Discovery, version: &str) -> (String, Value) {
+    let node = gateway_device_id(d.gateway);
+    (
+        format!("{}/binary_sensor/{node}/status/config", d.prefix),
+        json!({
+            "name": null,
+            "unique_id": format!("{node}_status"),
+            "device": {
+                "identifiers": [node],
+                "name": format!("lockbridge {}", d.gateway),
+                "manufacturer": "lockbridge",
+                "model": "Gateway",
+                "sw_version": version,
+            },
+            "state_topic": format!("{}/status", d.root),
+            "payload_on": "online",
+            "payload_off": "offline",
+            "device_class": "connectivity",
+            "entity_category": "diagnostic",
+        }),
+    )
+}
+
+/// The lock's state in Home Assistant's words; `None` (unknown) for calibration and the like.
+const LOCK_STATE_TEMPLATE: &str = "{% if value_json.jammed %}JAMMED{% else %}{{ {'locked': 'LOCKED', 'unlocked': 'UNLOCKED', 'partially_unlocked': 'UNLOCKED', 'locking': 'LOCKING', 'unlocking': 'UNLOCKING', 'pulling': 'OPENING', 'pull_spring': 'OPEN'}.get(value_json.state, 'None') }}{% endif %}";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_and_json_commands_parse() {
+        assert_eq!(parse_set(b"LOCK").unwrap().action, Action::Lock);
+        assert_eq!(parse_set(b"unlock\n").unwrap().action, Action::Unlock);
+        assert_eq!(parse_set(b"OPEN").unwrap().action, Action::Pull);
+        let c = parse_set(br#"{"action":"unlock","mode":"force","id":"a-1","ttl_s":30}"#).unwrap();
+        assert_eq!(
+            c,
+            SetCommand {
+                action: Action::Unlock,
+                mode: Mode::Force,
+                id: Some("a-1".into()),
+                ttl: Some(Duration::from_secs(30)),
+            }
+        );
+        let c = parse_set(br#"{"action":"lock"}"#).unwrap();
+        assert_eq!((c.mode, c.id, c.ttl), (Mode::Normal, None, None));
+    }
+
+    #[test]
+    fn bad_commands_say_what_is_wrong() {
+        for (payload, says) in [
+            (&b"OPEN SESAME"[..], "send LOCK, UNLOCK, OPEN"),
+            (br#"{"action":"explode"}"#, "unknown action"),
+            (br#"{"action":"lock","ttl":5}"#, "unknown field"),
+            (br#"{"action":"lock","mode":"fast"}"#, "unknown mode"),
+            (br#"{"action":"lock","ttl_s":0}"#, "ttl_s"),
+            (br#"{"action":"lock","id":""}"#, "id:"),
+            (br#"{"action":"lock""#, "JSON"),
+            (&[0xFF, 0xFE][..], "UTF-8"),
+        ] {
+            let e = parse_set(payload).unwrap_err();
+            assert!(e.contains(says), "{e:?} should say {says:?}");
+        }
+        let long = format!(r#"{{"action":"lock","id":"{}"}}"#, "x".repeat(200));
+        assert!(parse_set(long.as_bytes()).is_err());
+    }
+}
