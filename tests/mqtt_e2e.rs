@@ -179,7 +179,16 @@ const ROOT: &str = "lockbridge/demo";
 
 /// A world whose daemon bridges to `broker`; `mqtt` adds keys to `[mqtt]`.
 fn bridged(locks: usize, broker: &Broker, mqtt: &str) -> World {
-    let world = World::new(locks, |_| {});
+    bridged_with(locks, broker, mqtt, |_| {})
+}
+
+fn bridged_with(
+    locks: usize,
+    broker: &Broker,
+    mqtt: &str,
+    sim: impl FnOnce(&mut toml::Table),
+) -> World {
+    let world = World::new(locks, sim);
     world.edit_daemon_config(|t| {
         format!(
             "{t}\n[mqtt]\nbroker = \"{}\"\nreconnect_min_ms = 200\nreconnect_max_s = 2\nmetrics_interval_s = 1\n{mqtt}\n",
@@ -456,4 +465,223 @@ async fn a_broker_outage_loses_no_state_and_replays_no_command() {
     );
     // Two unlocks through the control socket, nothing else.
     assert_eq!(world.actuations().len(), 2);
+}
+
+// Home Assistant's MQTT platforms: the configuration variables each accepts (full names), from
+// its lock, sensor and binary_sensor schemas, and the device block's.
+const COMMON_KEYS: &[&str] = &[
+    "availability",
+    "availability_mode",
+    "availability_template",
+    "availability_topic",
+    "device",
+    "enabled_by_default",
+    "encoding",
+    "entity_category",
+    "entity_picture",
+    "icon",
+    "json_attributes_template",
+    "json_attributes_topic",
+    "name",
+    "origin",
+    "payload_available",
+    "payload_not_available",
+    "platform",
+    "qos",
+    "unique_id",
+    "value_template",
+];
+const LOCK_KEYS: &[&str] = &[
+    "code_format",
+    "command_template",
+    "command_topic",
+    "optimistic",
+    "payload_lock",
+    "payload_open",
+    "payload_reset",
+    "payload_unlock",
+    "retain",
+    "state_jammed",
+    "state_locked",
+    "state_locking",
+    "state_open",
+    "state_opening",
+    "state_topic",
+    "state_unlocked",
+    "state_unlocking",
+];
+const SENSOR_KEYS: &[&str] = &[
+    "device_class",
+    "expire_after",
+    "force_update",
+    "last_reset_value_template",
+    "options",
+    "state_class",
+    "state_topic",
+    "suggested_display_precision",
+    "unit_of_measurement",
+];
+const BINARY_SENSOR_KEYS: &[&str] = &[
+    "device_class",
+    "expire_after",
+    "force_update",
+    "off_delay",
+    "payload_off",
+    "payload_on",
+    "state_topic",
+];
+const DEVICE_KEYS: &[&str] = &[
+    "configuration_url",
+    "connections",
+    "hw_version",
+    "identifiers",
+    "manufacturer",
+    "model",
+    "model_id",
+    "name",
+    "serial_number",
+    "suggested_area",
+    "sw_version",
+    "via_device",
+];
+
+fn check_keys(topic: &str, doc: &Value, platform: &[&str]) {
+    for key in doc.as_object().unwrap().keys() {
+        assert!(
+            COMMON_KEYS.contains(&key.as_str()) || platform.contains(&key.as_str()),
+            "{topic}: {key} is not in Home Assistant's schema"
+        );
+    }
+    for key in doc["device"].as_object().unwrap().keys() {
+        assert!(DEVICE_KEYS.contains(&key.as_str()), "{topic}: device.{key}");
+    }
+    assert!(doc["unique_id"].as_str().is_some_and(|u| !u.is_empty()));
+    for a in doc["availability"].as_array().into_iter().flatten() {
+        assert!(a["topic"].as_str().is_some(), "{topic}: availability {a}");
+    }
+}
+
+#[test]
+fn home_assistant_discovery_matches_its_schemas_and_is_announced_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let watch = Watch::start(&broker, dir.path(), "discovery");
+    let world = bridged_with(
+        2,
+        &broker,
+        "allow = [\"lock\", \"unlock\", \"pull\"]",
+        |sim| common::set_lock(sim, 0, "pull_spring", toml::Value::Boolean(true)),
+    );
+    let _sim = world.sim();
+    let _daemon = world.daemon();
+    let lock_config = "homeassistant/lock/lockbridge_demo/lock-1/config";
+    watch.wait("lock discovery", Duration::from_secs(10), |m| {
+        m.topic == lock_config
+    });
+    let state = watch
+        .wait("the lock's full state", Duration::from_secs(10), |m| {
+            m.topic == lock_topic("lock-1", "state") && !m.json()["battery"].is_null()
+        })
+        .json();
+
+    let docs: Vec<Msg> = watch
+        .all()
+        .into_iter()
+        .filter(|m| m.topic.starts_with("homeassistant/"))
+        .collect();
+    let mut unique = std::collections::HashSet::new();
+    let gateway = docs
+        .iter()
+        .find(|m| m.topic == "homeassistant/binary_sensor/lockbridge_demo/status/config")
+        .expect("the gateway's device")
+        .json();
+    check_keys("gateway", &gateway, BINARY_SENSOR_KEYS);
+    assert_eq!(gateway["state_topic"], format!("{ROOT}/status"));
+    assert_eq!(gateway["device_class"], "connectivity");
+    let gateway_id = gateway["device"]["identifiers"][0].clone();
+    for m in &docs {
+        assert!(m.retained, "{} is retained", m.topic);
+        assert!(unique.insert(m.json()["unique_id"].to_string()) || m.topic == lock_config);
+    }
+    for lock in ["lock-1", "lock-2"] {
+        let find = |kind: &str, object: &str| {
+            let topic = format!("homeassistant/{kind}/lockbridge_demo/{object}/config");
+            docs.iter()
+                .find(|m| m.topic == topic)
+                .unwrap_or_else(|| panic!("no {topic}"))
+                .json()
+        };
+        let l = find("lock", lock);
+        check_keys(lock, &l, LOCK_KEYS);
+        assert_eq!(l["command_topic"], lock_topic(lock, "set"));
+        assert_eq!(l["state_topic"], lock_topic(lock, "state"));
+        assert_eq!(l["payload_lock"], "LOCK");
+        assert_eq!(l["payload_unlock"], "UNLOCK");
+        assert_eq!(
+            l["payload_open"], "OPEN",
+            "pull is allowed, so OPEN is offered"
+        );
+        assert_eq!(l["availability_mode"], "all");
+        let topics: Vec<&str> = l["availability"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["topic"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            topics,
+            [format!("{ROOT}/status"), lock_topic(lock, "availability")]
+        );
+        assert_eq!(l["device"]["via_device"], gateway_id);
+        assert_eq!(l["device"]["manufacturer"], "Tedee");
+        for (object, class, unit, field) in [
+            (format!("{lock}_battery"), "battery", "%", "battery"),
+            (format!("{lock}_rssi"), "signal_strength", "dBm", "rssi"),
+        ] {
+            let s = find("sensor", &object);
+            check_keys(&object, &s, SENSOR_KEYS);
+            assert_eq!(s["device_class"], class);
+            assert_eq!(s["unit_of_measurement"], unit);
+            assert_eq!(s["state_class"], "measurement");
+            assert_eq!(s["state_topic"], lock_topic(lock, "state"));
+            assert_eq!(s["value_template"], format!("{{{{ value_json.{field} }}}}"));
+            assert!(
+                state.as_object().unwrap().contains_key(field),
+                "the state has {field}"
+            );
+            assert_eq!(s["device"]["identifiers"], l["device"]["identifiers"]);
+        }
+    }
+
+    // Home Assistant restarted: its birth message brings every announcement again.
+    let announced = |w: &Watch| w.all().iter().filter(|m| m.topic == lock_config).count();
+    assert_eq!(announced(&watch), 1);
+    broker.publish("homeassistant/status", "online", &[]);
+    watch.wait("the re-announcement", Duration::from_secs(5), |_| {
+        announced(&watch) == 2
+    });
+
+    // OPEN pulls the latch (of an unlocked lock).
+    let result = lock_topic("lock-1", "result");
+    let done = |action: &'static str| {
+        let result = result.clone();
+        move |m: &Msg| {
+            m.topic == result && m.json()["step"] == "done" && m.json()["action"] == action
+        }
+    };
+    broker.publish(&lock_topic("lock-1", "set"), "UNLOCK", &[]);
+    let unlocked = watch.wait(
+        "the UNLOCK outcome",
+        Duration::from_secs(15),
+        done("unlock"),
+    );
+    assert_eq!(unlocked.json()["outcome"]["status"], "success");
+    broker.publish(&lock_topic("lock-1", "set"), "OPEN", &[]);
+    let pulled = watch.wait("the OPEN outcome", Duration::from_secs(15), done("pull"));
+    assert_eq!(
+        pulled.json()["outcome"]["status"],
+        "success",
+        "{}",
+        pulled.payload
+    );
 }
