@@ -362,8 +362,13 @@ struct Gateway {
 }
 
 fn gateway(locks: usize) -> Gateway {
+    gateway_with(locks, "")
+}
+
+/// A gateway with `extra` keys in `[coap]`.
+fn gateway_with(locks: usize, extra: &str) -> Gateway {
     let world = World::new(locks, |_| {});
-    let port = world.serve_coap("");
+    let port = world.serve_coap(extra);
     let sim = world.sim();
     let daemon = world.daemon();
     Gateway {
@@ -477,6 +482,37 @@ async fn final_flight_lost_once(server: SocketAddr) -> Result<Duration, String> 
     );
     let _ = conn.close().await;
     Ok(t.elapsed())
+}
+
+/// Fault 4: a client that stops after its ClientHello with the cookie. Returns how many
+/// datagrams the server still sends it between 3 s and 6 s later.
+async fn datagrams_to_an_abandoned_handshake(server: SocketAddr) -> usize {
+    let mut raw = Raw::new(server).await;
+    let flight4 = raw.start_handshake().await;
+    assert!(!flight4.is_empty(), "the server answered the cookie");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    raw.receive(Duration::ZERO).await; // what was sent before, still queued in the socket
+    raw.receive(Duration::from_secs(3)).await.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_handshake_ends_at_its_deadline_here_and_never_in_a_plain_listener() {
+    let mut gw = gateway_with(1, "handshake_timeout_s = 2");
+    let plain = plain_listener().await;
+    let (here, there) = tokio::join!(
+        datagrams_to_an_abandoned_handshake(gw.addr),
+        datagrams_to_an_abandoned_handshake(plain)
+    );
+    println!("datagrams 3-6 s after the client went quiet: lockbridge {here}, plain {there}");
+    assert_eq!(
+        here, 0,
+        "lockbridge dropped the handshake at its 2 s deadline"
+    );
+    assert!(
+        there >= 2,
+        "a plain listener retransmits forever: {there} datagrams"
+    );
+    gw.still_serves().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

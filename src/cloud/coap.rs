@@ -109,10 +109,12 @@ pub async fn serve_peer(peer: NewPeer, endpoint: Arc<Endpoint>) {
     let dtls = match tokio::time::timeout(endpoint.limits.handshake_timeout, handshake).await {
         Ok(Ok(c)) => Arc::new(c),
         Ok(Err(e)) => {
+            peer.conn.close();
             log::info!("coap: {}: handshake refused: {e}", peer.addr);
             return;
         }
         Err(_) => {
+            peer.conn.close();
             log::info!(
                 "coap: {}: handshake not finished within {:?}; dropped",
                 peer.addr,

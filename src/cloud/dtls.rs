@@ -185,9 +185,22 @@ pub struct PeerConn {
     peer: SocketAddr,
     inbox: tokio::sync::Mutex<mpsc::Receiver<Vec<u8>>>,
     flights: Mutex<Flights>,
+    /// Set when the peer ends. webrtc-dtls runs parts of a connection in tasks of its own,
+    /// which dropping `DTLSConn::new` at the deadline does not stop at once; once closed,
+    /// nothing more goes out to the peer and their sends fail.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl PeerConn {
+    /// Send nothing more to this peer.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
     /// The cookie this peer's HelloVerifyRequest carried, once it went out.
     fn sent_cookie(&self) -> Option<Vec<u8>> {
         let f = self.flights.lock().unwrap_or_else(|p| p.into_inner());
@@ -259,6 +272,9 @@ impl webrtc_util::Conn for PeerConn {
     }
 
     async fn send(&self, buf: &[u8]) -> webrtc_util::Result<usize> {
+        if self.is_closed() {
+            return Err(webrtc_util::Error::ErrClosedListener);
+        }
         self.note_sent(buf);
         Ok(self.socket.send_to(buf, self.peer).await?)
     }
@@ -276,6 +292,7 @@ impl webrtc_util::Conn for PeerConn {
     }
 
     async fn close(&self) -> webrtc_util::Result<()> {
+        PeerConn::close(self);
         Ok(())
     }
 
@@ -306,6 +323,7 @@ struct Entry {
 
 impl Drop for Entry {
     fn drop(&mut self) {
+        self.conn.close();
         self.task.abort();
         self.state.set_closed();
     }
@@ -506,6 +524,7 @@ pub async fn demultiplex<F, Fut>(
             peer: addr,
             inbox: tokio::sync::Mutex::new(rx),
             flights: Mutex::new(Flights::default()),
+            closed: std::sync::atomic::AtomicBool::new(false),
         });
         let fut = spawn_peer(NewPeer {
             suites: offered_suites(datagram),
