@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::Value;
@@ -25,28 +25,11 @@ struct CertWorld {
     _daemon: common::Proc,
 }
 
-fn python() -> PathBuf {
-    std::env::var_os("LOCKBRIDGE_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python3"))
-}
-
 /// One lock; `full` (PSK) may do everything, `ops` (certificate from the CA) may read and
 /// unlock, `tablet` (pinned self-signed key) may only read.
 fn cert_world() -> CertWorld {
     let world = World::new(1, |_| {});
-    let certs = world.dir.join("certs");
-    let status = Command::new(python())
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/certs/gen_certs.py"))
-        .arg(&certs)
-        .status()
-        .unwrap_or_else(|e| {
-            panic!(
-                "{}: {e}; run tests/run.sh (it makes .venv)",
-                python().display()
-            )
-        });
-    assert!(status.success());
+    let certs = common::gen_certs(&world.dir.join("certs"));
     let pin = std::fs::read_to_string(certs.join("pinned.sha256")).unwrap();
     let port = std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()

@@ -31,11 +31,20 @@ fn free_tcp_port() -> u16 {
 
 impl Broker {
     fn start(dir: &std::path::Path) -> Broker {
+        Broker::start_with(dir, "")
+    }
+
+    /// A broker whose first listener (plain, for the test's own clients) is followed by
+    /// `more` configuration, such as further listeners.
+    fn start_with(dir: &std::path::Path, more: &str) -> Broker {
         let port = free_tcp_port();
         let conf = dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+            format!(
+                "per_listener_settings false\nallow_anonymous true\npersistence false\n\
+                 listener {port} 127.0.0.1\n{more}"
+            ),
         )
         .unwrap();
         let mut b = Broker {
@@ -684,4 +693,125 @@ fn home_assistant_discovery_matches_its_schemas_and_is_announced_again() {
         "{}",
         pulled.payload
     );
+}
+
+#[test]
+fn a_command_to_an_unreachable_lock_ends_and_never_fires_late() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let watch = Watch::start(&broker, dir.path(), "unreachable");
+    let world = bridged(1, &broker, "");
+    // No simulator yet: the lock cannot be reached.
+    let _daemon = world.daemon();
+    watch.wait("online", Duration::from_secs(10), |m| {
+        m.topic == format!("{ROOT}/status") && m.payload == "online"
+    });
+    let set = lock_topic("lock-1", "set");
+    let result = lock_topic("lock-1", "result");
+    broker.publish(&set, r#"{"action":"unlock","id":"late-1","ttl_s":2}"#, &[]);
+    let outcome = watch.outcome(&result, "late-1");
+    let status = outcome["status"].as_str().unwrap();
+    assert!(
+        status == "expired" || (status == "failed" && outcome["reason"] == "unreachable"),
+        "{outcome}"
+    );
+    // The lock comes back: the command must not run now.
+    let _sim = world.sim();
+    watch.wait("the lock connected", Duration::from_secs(15), |m| {
+        m.topic == lock_topic("lock-1", "state") && m.json()["status"] == "connected"
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(world.actuations().is_empty(), "{:?}", world.actuations());
+    let reports = watch
+        .all()
+        .iter()
+        .filter(|m| m.topic == result && m.json()["step"] == "done")
+        .count();
+    assert_eq!(reports, 1, "exactly one outcome");
+}
+
+#[test]
+fn tls_and_mutual_tls_listeners() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = common::gen_certs(&dir.path().join("certs"));
+    let c = certs.display();
+    let (tls, mutual) = (free_tcp_port(), free_tcp_port());
+    // The broker runs as root here so that it can read the keys in the test's directory.
+    let broker = Broker::start_with(
+        dir.path(),
+        &format!(
+            "user root\n\
+             listener {tls} 127.0.0.1\ncafile {c}/ca.pem\ncertfile {c}/broker.pem\nkeyfile {c}/broker.key\n\
+             listener {mutual} 127.0.0.1\ncafile {c}/ca.pem\ncertfile {c}/broker.pem\nkeyfile {c}/broker.key\n\
+             require_certificate true\n"
+        ),
+    );
+    let watch = Watch::start(&broker, dir.path(), "tls");
+    let online = |w: &Watch, root: &str| {
+        let topic = format!("{root}/status");
+        w.wait(&format!("{root} online"), Duration::from_secs(15), |m| {
+            m.topic == topic && m.payload == "online"
+        });
+    };
+    let run = |root: &str, port: u16, ca: &str, more: &str| {
+        let world = World::new(1, |_| {});
+        world.edit_daemon_config(|t| {
+            format!(
+                "{t}\n[mqtt]\nbroker = \"localhost:{port}\"\nroot = \"{root}\"\nclient_id = \"{root}\"\n\
+                 tls = true\nca = \"{c}/{ca}\"\nreconnect_min_ms = 200\nreconnect_max_s = 1\n{more}\n"
+            )
+        });
+        let sim = world.sim();
+        let daemon = world.daemon();
+        (world, sim, daemon)
+    };
+
+    // TLS: the broker's certificate checked against the test CA.
+    let (_w1, _s1, _d1) = run("hub-tls", tls, "ca.pem", "");
+    online(&watch, "hub-tls");
+    // Mutual TLS with the client certificate.
+    let (w2, _s2, _d2) = run(
+        "hub-mtls",
+        mutual,
+        "ca.pem",
+        &format!("client_certificate = \"{c}/client.pem\"\nclient_key = \"{c}/client.key\""),
+    );
+    online(&watch, "hub-mtls");
+    broker.publish(
+        "hub-mtls/locks/lock-1/set",
+        r#"{"action":"unlock","id":"t-1"}"#,
+        &[],
+    );
+    assert_eq!(
+        watch.outcome("hub-mtls/locks/lock-1/result", "t-1")["status"],
+        "success"
+    );
+    assert_eq!(w2.actuations().len(), 1);
+
+    // Without a client certificate the mutual-TLS listener refuses, and the log says so.
+    let (w3, _s3, _d3) = run("hub-nocert", mutual, "ca.pem", "");
+    // A broker whose certificate the configured CA did not issue: refused by the gateway.
+    let (w4, _s4, _d4) = run("hub-wrongca", tls, "pinned.pem", "");
+    for w in [&w3, &w4] {
+        common::wait_for(
+            || w.daemon_log().contains("mqtt: cannot reach"),
+            "the refused connection in the log",
+        );
+    }
+    println!(
+        "{}",
+        w4.daemon_log()
+            .lines()
+            .find(|l| l.contains("cannot reach"))
+            .unwrap()
+    );
+    for root in ["hub-nocert", "hub-wrongca"] {
+        assert!(
+            !watch
+                .all()
+                .iter()
+                .any(|m| m.topic == format!("{root}/status")),
+            "{root} must not connect"
+        );
+    }
 }

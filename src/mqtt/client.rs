@@ -27,6 +27,8 @@ pub struct Message {
 pub enum Incoming {
     /// The broker accepted the connection (again): subscribe and publish everything.
     Connected,
+    /// The connection is gone; publishing waits for the next `Connected`.
+    Disconnected,
     Message(Message),
 }
 
@@ -195,6 +197,9 @@ pub async fn drive(
                 let delay = backoff.next(rand_core::RngCore::next_u64(&mut rand_core::OsRng));
                 if was_up {
                     log::warn!("mqtt: lost {broker}: {e}; reconnecting in {delay:?}");
+                    if incoming.send(Incoming::Disconnected).await.is_err() {
+                        return;
+                    }
                 } else {
                     log::warn!("mqtt: cannot reach {broker}: {e}; retrying in {delay:?}");
                 }

@@ -93,6 +93,7 @@ pub fn start(
         dirty: false,
         started: std::time::Instant::now(),
         retained_refused: 0,
+        availability: Default::default(),
     };
     let task = tokio::spawn(bridge.run(rx, events));
     log::info!("mqtt: bridging to {} under {root}", config.mqtt.broker);
@@ -245,6 +246,8 @@ struct Task {
     dirty: bool,
     started: std::time::Instant,
     retained_refused: u64,
+    /// Availability as last published per lock: it is sent only when it changes.
+    availability: std::collections::HashMap<String, &'static str>,
 }
 
 impl Task {
@@ -261,6 +264,7 @@ impl Task {
             tokio::select! {
                 i = incoming.recv() => match i {
                     Some(Incoming::Connected) => self.on_connect(),
+                    Some(Incoming::Disconnected) => self.connected = false,
                     Some(Incoming::Message(m)) => self.on_message(m),
                     None => return,
                 },
@@ -274,6 +278,7 @@ impl Task {
                 _ = retry.tick() => {
                     if self.dirty && self.connected {
                         self.dirty = false;
+                        self.availability.clear();
                         self.publish_all_states();
                     }
                 }
@@ -294,6 +299,7 @@ impl Task {
 
     fn on_connect(&mut self) {
         self.connected = true;
+        self.availability.clear(); // a new broker may have none of it
         let config = self.supervisor.config().clone();
         let mut filters = vec![self.topics.set_filter.clone()];
         if config.mqtt.home_assistant {

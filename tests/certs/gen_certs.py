@@ -4,6 +4,7 @@
 
   ca.pem               the CA that issues the gateway's and the clients' certificates
   server.pem/.key      the gateway (CN and DNS name "lockbridge")
+  broker.pem/.key      an MQTT broker (CN "localhost", DNS name localhost, IP 127.0.0.1)
   client.pem/.key      a client, CN "ops", valid now
   expired.pem/.key     a client, CN "ops", expired yesterday
   other.pem/.key       a client, CN "ops", issued by another CA
@@ -13,6 +14,7 @@ Keys are P-256, PKCS#8 PEM, mode 0600.
 """
 import datetime
 import hashlib
+import ipaddress
 import os
 import sys
 
@@ -29,7 +31,8 @@ def name(cn):
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def cert(subject_key, cn, issuer_key, issuer_cn, not_before, not_after, ca=False, eku=None, dns=None):
+def cert(subject_key, cn, issuer_key, issuer_cn, not_before, not_after, ca=False, eku=None, dns=None,
+         ip=None):
     b = (
         x509.CertificateBuilder()
         .subject_name(name(cn))
@@ -47,7 +50,10 @@ def cert(subject_key, cn, issuer_key, issuer_cn, not_before, not_after, ca=False
     if eku:
         b = b.add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
     if dns:
-        b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
+        names = [x509.DNSName(dns)]
+        if ip:
+            names.append(x509.IPAddress(ipaddress.ip_address(ip)))
+        b = b.add_extension(x509.SubjectAlternativeName(names), critical=False)
     return b.sign(issuer_key, hashes.SHA256())
 
 
@@ -76,6 +82,10 @@ def main(out):
     server_key = key()
     write(out, "server", cert(server_key, "lockbridge", ca_key, "lockbridge test CA", NOW - DAY,
                               NOW + 30 * DAY, eku=ExtendedKeyUsageOID.SERVER_AUTH, dns="lockbridge"), server_key)
+    broker_key = key()
+    write(out, "broker", cert(broker_key, "localhost", ca_key, "lockbridge test CA", NOW - DAY,
+                              NOW + 30 * DAY, eku=ExtendedKeyUsageOID.SERVER_AUTH, dns="localhost",
+                              ip="127.0.0.1"), broker_key)
     client_key = key()
     write(out, "client", cert(client_key, "ops", ca_key, "lockbridge test CA", NOW - DAY, NOW + 30 * DAY,
                               eku=ExtendedKeyUsageOID.CLIENT_AUTH), client_key)

@@ -240,6 +240,26 @@ impl World {
     }
 }
 
+/// The test certificates of `tests/certs/gen_certs.py` (Python `cryptography`, from the
+/// `.venv` tests/run.sh makes) written into `dir`, which is returned.
+pub fn gen_certs(dir: &Path) -> PathBuf {
+    let python = std::env::var_os("LOCKBRIDGE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python3"));
+    let status = Command::new(&python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/certs/gen_certs.py"))
+        .arg(dir)
+        .status()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; run tests/run.sh (it makes .venv)",
+                python.display()
+            )
+        });
+    assert!(status.success(), "gen_certs.py");
+    dir.to_path_buf()
+}
+
 /// Keys of the CoAP clients [`World::serve_coap`] configures (printable, as libcoap wants).
 pub const PSK: &str = "lockbridge-test-psk-0001";
 pub const READER_PSK: &str = "lockbridge-reader-psk-01";
