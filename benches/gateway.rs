@@ -51,7 +51,7 @@ impl Rig {
     async fn new(interval_ms: u64, edit: impl FnOnce(String) -> String) -> Rig {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("w");
-        let summary = lockbridge::demo::setup(&dir, 2, interval_ms).unwrap();
+        let summary = lockbridge::demo::setup(&dir, 2, interval_ms, None).unwrap();
         let text = std::fs::read_to_string(&summary.daemon_config).unwrap();
         std::fs::write(&summary.daemon_config, edit(text)).unwrap();
         let (sim, specs) = SimConfig::load(&summary.world.sim_config).unwrap();

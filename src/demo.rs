@@ -29,6 +29,8 @@ pub struct DemoOptions {
     pub once: bool,
     /// BLE connection interval of the simulated links (0 = instant).
     pub connection_interval_ms: u64,
+    /// An MQTT broker (`HOST:PORT`) for the daemon; without one the demo runs its own.
+    pub mqtt: Option<String>,
 }
 
 /// What `demo --setup-only --json` prints: `sim init`'s summary plus the daemon's config and
@@ -41,7 +43,20 @@ pub struct Summary {
     pub sim_endpoint: String,
     pub control_socket: PathBuf,
     pub coap: CoapSummary,
+    /// Present when the daemon's config names a broker (`--mqtt`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtt: Option<MqttSummary>,
 }
+
+/// Where the daemon publishes.
+#[derive(Debug, Serialize)]
+pub struct MqttSummary {
+    pub broker: String,
+    pub root: String,
+}
+
+/// The topic root of the demo's gateway.
+const DEMO_ROOT: &str = "lockbridge/demo";
 
 /// A CoAP/DTLS client allowed every action on every lock.
 #[derive(Debug, Serialize)]
@@ -75,7 +90,12 @@ fn free_udp_port() -> anyhow::Result<u16> {
 }
 
 /// Write the world: `sim init` plus the gateway key, the daemon config and the BLE timing.
-pub fn setup(dir: &Path, locks: usize, connection_interval_ms: u64) -> anyhow::Result<Summary> {
+pub fn setup(
+    dir: &Path,
+    locks: usize,
+    connection_interval_ms: u64,
+    mqtt: Option<&str>,
+) -> anyhow::Result<Summary> {
     let world = crate::sim::init(dir, locks)?;
     let (mut sim, _) = SimConfig::load(&world.sim_config)?;
     sim.faults.connection_interval_ms = connection_interval_ms;
@@ -134,6 +154,12 @@ pub fn setup(dir: &Path, locks: usize, connection_interval_ms: u64) -> anyhow::R
          [[permissions]]\norigin = \"cli\"\nactions = [\"read\", \"lock\", \"unlock\", \"pull\"]\n\n\
          [[permissions]]\norigin = \"demo\"\nactions = [\"read\", \"lock\", \"unlock\", \"pull\"]\n"
     ));
+    if let Some(broker) = mqtt {
+        // The MQTT origin may do everything here, so Home Assistant also offers OPEN.
+        toml.push_str(&format!(
+            "\n[mqtt]\nbroker = {broker:?}\nallow = [\"lock\", \"unlock\", \"pull\"]\n"
+        ));
+    }
     let daemon_config = dir.join("lockbridge.toml");
     std::fs::write(&daemon_config, toml).with_context(|| daemon_config.display().to_string())?;
     let client_config = dir.join("ctl.toml");
@@ -154,7 +180,71 @@ pub fn setup(dir: &Path, locks: usize, connection_interval_ms: u64) -> anyhow::R
             client_config,
             psk_text,
         },
+        mqtt: mqtt.map(|broker| MqttSummary {
+            broker: broker.to_string(),
+            root: DEMO_ROOT.into(),
+        }),
     })
+}
+
+/// An MQTT broker (rumqttd, MQTT 3.1.1) on a free loopback port, in threads of its own for
+/// the life of the process. Returns its address.
+fn embedded_broker() -> anyhow::Result<String> {
+    use std::collections::HashMap;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let listen: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let server = rumqttd::ServerSettings {
+        name: "demo".into(),
+        listen,
+        tls: None,
+        next_connection_delay_ms: 1,
+        connections: rumqttd::ConnectionSettings {
+            connection_timeout_ms: 60_000,
+            max_payload_size: 256 * 1024,
+            max_inflight_count: 100,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    };
+    let config = rumqttd::Config {
+        id: 0,
+        router: rumqttd::RouterConfig {
+            max_connections: 64,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 1 << 20,
+            max_segment_count: 10,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(HashMap::from([("demo".to_string(), server)])),
+        v5: None,
+        ws: None,
+        cluster: None,
+        console: None,
+        bridge: None,
+        prometheus: None,
+        metrics: None,
+    };
+    let mut broker = rumqttd::Broker::new(config);
+    std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                log::error!("demo MQTT broker: {e}");
+            }
+        })?;
+    let t = Instant::now();
+    while std::net::TcpStream::connect(listen).is_err() {
+        if t.elapsed() > Duration::from_secs(5) {
+            anyhow::bail!("the demo's MQTT broker did not start on {listen}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(listen.to_string())
 }
 
 pub async fn run(
@@ -166,7 +256,25 @@ pub async fn run(
         Some(d) => d,
         None => std::env::temp_dir().join(format!("lockbridge-demo-{}", std::process::id())),
     };
-    let summary = setup(&dir, opts.locks, opts.connection_interval_ms)?;
+    // The demo runs a broker of its own unless told to use one (setup-only runs nothing).
+    let embedded = opts.mqtt.is_none() && !opts.setup_only;
+    let broker = match &opts.mqtt {
+        Some(b) => Some(b.clone()),
+        None if embedded => Some(embedded_broker()?),
+        None => None,
+    };
+    let summary = setup(
+        &dir,
+        opts.locks,
+        opts.connection_interval_ms,
+        broker.as_deref(),
+    )?;
+    if embedded {
+        // rumqttd speaks MQTT 3.1.1 here.
+        let mut text = std::fs::read_to_string(&summary.daemon_config)?;
+        text.push_str("protocol = \"3.1.1\"\n");
+        std::fs::write(&summary.daemon_config, text)?;
+    }
     if opts.setup_only {
         if opts.json {
             writeln!(out, "{}", serde_json::to_string_pretty(&summary)?)?;
@@ -229,9 +337,18 @@ pub async fn run(
     )?;
     writeln!(
         out,
-        "  CoAP over DTLS on udp {} (PSK identity {:?})\n",
+        "  CoAP over DTLS on udp {} (PSK identity {:?})",
         summary.coap.endpoint, summary.coap.identity
     )?;
+    if let Some(m) = &summary.mqtt {
+        let whose = if embedded { "the demo's own" } else { "the" };
+        writeln!(
+            out,
+            "  MQTT: {whose} broker on {} under {}",
+            m.broker, m.root
+        )?;
+    }
+    writeln!(out)?;
     let mut events = sup.registry().subscribe();
     let started = Instant::now();
 
@@ -363,6 +480,19 @@ pub async fn run(
             out,
             "  coap-client-openssl -m {method} -u {} -k {} coaps://{}{path}",
             summary.coap.identity, summary.coap.psk_text, summary.coap.endpoint
+        )?;
+    }
+    if let Some(m) = &summary.mqtt {
+        let (host, port) = m.broker.rsplit_once(':').unwrap_or((&m.broker, "1883"));
+        writeln!(
+            out,
+            "  mosquitto_sub -h {host} -p {port} -t '{}/#' -v",
+            m.root
+        )?;
+        writeln!(
+            out,
+            "  mosquitto_pub -h {host} -p {port} -t {}/locks/lock-1/set -m UNLOCK",
+            m.root
         )?;
     }
     if !opts.once {

@@ -78,6 +78,9 @@ enum Command {
         /// BLE connection interval of the simulated links, in ms (0 = instant).
         #[arg(long, default_value_t = 30)]
         connection_interval_ms: u64,
+        /// An MQTT broker (HOST:PORT) for the daemon; without it the demo runs its own.
+        #[arg(long, value_name = "HOST:PORT")]
+        mqtt: Option<String>,
     },
     /// Serve simulated locks over the sim socket, or `sim init` a new world.
     #[command(args_conflicts_with_subcommands = true)]
@@ -304,6 +307,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             once,
             connection_interval_ms,
+            mqtt,
         } => {
             drop(out);
             let mut out = std::io::stdout();
@@ -315,6 +319,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     json,
                     once,
                     connection_interval_ms,
+                    mqtt,
                 },
                 &mut out,
                 shutdown_signal(),

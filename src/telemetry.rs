@@ -9,7 +9,7 @@ struct StderrLogger;
 
 impl log::Log for StderrLogger {
     fn enabled(&self, metadata: &log::Metadata) -> bool {
-        metadata.level() <= log::max_level()
+        metadata.level() <= log::max_level() && !is_embedded_broker(metadata.target())
     }
 
     fn log(&self, record: &log::Record) {
@@ -27,6 +27,12 @@ impl log::Log for StderrLogger {
 }
 
 static LOGGER: StderrLogger = StderrLogger;
+
+/// The demo's embedded MQTT broker (rumqttd) traces every packet, at error level among others,
+/// through `tracing`'s log records; none of it is for the person running the demo.
+fn is_embedded_broker(target: &str) -> bool {
+    target.starts_with("rumqttd") || target.starts_with("tracing::span")
+}
 
 fn level(configured: Option<&str>) -> log::LevelFilter {
     std::env::var("LOCKBRIDGE_LOG")

@@ -815,3 +815,72 @@ fn tls_and_mutual_tls_listeners() {
         );
     }
 }
+
+#[test]
+fn the_demo_runs_its_own_broker_or_points_at_one() {
+    // `demo --once`: the whole scripted demo, with its embedded broker, then a clean exit.
+    let dir = tempfile::tempdir().unwrap();
+    let out = common::lockbridge(&[
+        "demo",
+        "--once",
+        "--locks",
+        "2",
+        "--connection-interval-ms",
+        "0",
+        "--dir",
+        dir.path().join("run").to_str().unwrap(),
+    ]);
+    assert!(
+        out.contains("MQTT: the demo's own broker on 127.0.0.1:"),
+        "{out}"
+    );
+    assert!(out.contains("mosquitto_sub -h 127.0.0.1 -p "), "{out}");
+    assert!(out.contains("success, bolt unlocked"), "{out}");
+
+    // `--setup-only --json --mqtt`: the daemon's config names the broker, the summary says so,
+    // and a daemon run from it publishes there.
+    let broker = Broker::start(dir.path());
+    let watch = Watch::start(&broker, dir.path(), "demo");
+    let world_dir = dir.path().join("world");
+    let out = common::lockbridge(&[
+        "demo",
+        "--setup-only",
+        "--json",
+        "--locks",
+        "1",
+        "--connection-interval-ms",
+        "0",
+        "--dir",
+        world_dir.to_str().unwrap(),
+        "--mqtt",
+        &broker.addr(),
+    ]);
+    let summary: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["mqtt"]["broker"], broker.addr());
+    assert_eq!(summary["mqtt"]["root"], ROOT);
+    let _sim = Proc(
+        Command::new(env!("CARGO_BIN_EXE_lockbridge"))
+            .args(["sim", "--config", summary["sim_config"].as_str().unwrap()])
+            .args(["--listen", summary["sim_endpoint"].as_str().unwrap()])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let _daemon = Proc(
+        Command::new(env!("CARGO_BIN_EXE_lockbridge"))
+            .args([
+                "run",
+                "--config",
+                summary["daemon_config"].as_str().unwrap(),
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    watch.wait("the demo lock's state", Duration::from_secs(15), |m| {
+        m.topic == lock_topic("lock-1", "state") && m.json()["state"] == "locked"
+    });
+    // Without --mqtt the summary has no broker (setup-only runs nothing).
+    let plain = World::new(1, |_| {});
+    assert!(plain.summary.get("mqtt").is_none(), "{}", plain.summary);
+}

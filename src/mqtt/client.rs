@@ -162,14 +162,16 @@ impl Backoff {
     }
 }
 
-/// Poll `eventloop` until `incoming` closes, sending what the bridge needs. Failed
-/// connections wait out `backoff`; `reconnects` counts them.
+/// Poll `eventloop` until `incoming` closes or, once `stopping` is set, the connection ends,
+/// sending what the bridge needs. Failed connections wait out `backoff`; `reconnects` counts
+/// them.
 pub async fn drive(
     mut eventloop: EventLoop,
     incoming: mpsc::Sender<Incoming>,
     mut backoff: Backoff,
     reconnects: Arc<AtomicU64>,
     broker: String,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let mut was_up = false;
     loop {
@@ -192,6 +194,7 @@ pub async fn drive(
                 }
             }
             Ok(None) => {}
+            Err(_) if stopping.load(Ordering::SeqCst) => return, // our own disconnect
             Err(e) => {
                 reconnects.fetch_add(1, Ordering::Relaxed);
                 let delay = backoff.next(rand_core::RngCore::next_u64(&mut rand_core::OsRng));

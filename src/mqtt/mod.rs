@@ -30,6 +30,7 @@ use client::{Client, EventLoop, Incoming, Message, Out};
 /// The running bridge.
 pub struct Bridge {
     client: Client,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
     status_topic: String,
     task: tokio::task::JoinHandle<()>,
     driver: tokio::task::JoinHandle<()>,
@@ -44,14 +45,18 @@ impl Bridge {
             correlation: None,
         };
         self.task.abort();
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        self.stopping.store(true, Ordering::SeqCst);
+        let mut driver = self.driver;
+        let flushed = tokio::time::timeout(Duration::from_secs(1), async {
             self.client.publish(out, b"offline".to_vec()).await;
             self.client.disconnect().await;
-            // Let the event loop write both before it is stopped.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // The event loop writes both, then ends when the connection closes.
+            let _ = (&mut driver).await;
         })
         .await;
-        self.driver.abort();
+        if flushed.is_err() {
+            driver.abort();
+        }
     }
 }
 
@@ -74,12 +79,14 @@ pub fn start(
         Duration::from_millis(config.mqtt.reconnect_min_ms),
         Duration::from_secs(config.mqtt.reconnect_max_s),
     );
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let driver = tokio::spawn(client::drive(
         eventloop,
         tx,
         backoff,
         reconnects.clone(),
         config.mqtt.broker.clone(),
+        stopping.clone(),
     ));
     let events = supervisor.registry().subscribe();
     let status_topic = topics.status.clone();
@@ -99,6 +106,7 @@ pub fn start(
     log::info!("mqtt: bridging to {} under {root}", config.mqtt.broker);
     Ok(Some(Bridge {
         client,
+        stopping,
         status_topic,
         task,
         driver,
