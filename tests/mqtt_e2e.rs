@@ -245,6 +245,21 @@ fn state_availability_metrics_and_the_last_will() {
             m.topic == lock_topic(lock, "availability") && m.payload == "online" && m.retained
         });
     }
+    // Availability goes out when it changes, not with every state update.
+    let states = watch
+        .all()
+        .iter()
+        .filter(|m| m.topic == lock_topic("lock-1", "state"))
+        .count();
+    let availability = watch
+        .all()
+        .iter()
+        .filter(|m| m.topic == lock_topic("lock-1", "availability"))
+        .count();
+    assert!(
+        states > 1 && availability == 1,
+        "{states} states, {availability} availability"
+    );
     let metrics = watch.wait("metrics", Duration::from_secs(5), |m| {
         m.topic == format!("{ROOT}/metrics") && m.json()["handshakes"].as_u64() >= Some(2)
     });

@@ -173,6 +173,10 @@ fn connection(config: &Config, topics: &Topics) -> anyhow::Result<(Client, Event
         None
     };
     let keep_alive = Duration::from_secs(m.keep_alive_s);
+    // Small messages, latency matters: no Nagle delay (which costs tens of milliseconds
+    // against delayed ACKs).
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
     const QUEUE: usize = 1024;
     if m.protocol == "3.1.1" {
         let mut o = rumqttc::MqttOptions::new(config.mqtt_client_id(), host, port);
@@ -192,7 +196,8 @@ fn connection(config: &Config, topics: &Topics) -> anyhow::Result<(Client, Event
         if let Some(t) = transport {
             o.set_transport(t);
         }
-        let (c, e) = rumqttc::AsyncClient::new(o, QUEUE);
+        let (c, mut e) = rumqttc::AsyncClient::new(o, QUEUE);
+        e.set_network_options(network);
         Ok((Client::V311(c), EventLoop::V311(Box::new(e))))
     } else {
         let mut o = rumqttc::v5::MqttOptions::new(config.mqtt_client_id(), host, port);
@@ -212,6 +217,7 @@ fn connection(config: &Config, topics: &Topics) -> anyhow::Result<(Client, Event
         if let Some(t) = transport {
             o.set_transport(t);
         }
+        o.set_network_options(network);
         let (c, e) = rumqttc::v5::AsyncClient::new(o, QUEUE);
         Ok((Client::V5(c), EventLoop::V5(Box::new(e))))
     }
@@ -334,12 +340,12 @@ impl Task {
         let state = payload::state(view).to_string().into_bytes();
         let topic = self.topics.lock(&view.id, "state");
         self.publish(&topic, true, state);
-        let topic = self.topics.lock(&view.id, "availability");
-        self.publish(
-            &topic,
-            true,
-            payload::availability(view).as_bytes().to_vec(),
-        );
+        let available = payload::availability(view);
+        if self.availability.get(&view.id) != Some(&available) {
+            self.availability.insert(view.id.clone(), available);
+            let topic = self.topics.lock(&view.id, "availability");
+            self.publish(&topic, true, available.as_bytes().to_vec());
+        }
     }
 
     fn publish_discovery(&mut self) {
