@@ -88,7 +88,7 @@ pub struct Counters {
     /// PTLS sessions established.
     pub handshakes: u64,
     pub session_drops: u64,
-    /// Lock alerts by name.
+    /// Lock alerts by code (`"0x04 …"`, with the alert's name).
     pub alerts: BTreeMap<String, u64>,
     pub stalls: u64,
 }
@@ -103,7 +103,12 @@ impl Counters {
             }
             GatewayEvent::SessionUp { .. } => self.handshakes += 1,
             GatewayEvent::SessionDown { .. } => self.session_drops += 1,
-            GatewayEvent::Alert { name, .. } => *self.alerts.entry(name.clone()).or_default() += 1,
+            GatewayEvent::Alert { code, name, .. } => {
+                *self
+                    .alerts
+                    .entry(format!("0x{code:02x} {name}"))
+                    .or_default() += 1
+            }
             GatewayEvent::Stalled { .. } => self.stalls += 1,
             _ => {}
         }
