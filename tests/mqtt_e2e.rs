@@ -370,6 +370,9 @@ fn commands_in_every_form_get_one_outcome_each() {
     assert_eq!(refused["status"], "denied", "{refused}");
     assert!(refused["reason"].as_str().unwrap().contains("retained"));
     drop(_daemon);
+    // While the gateway is away: a QoS 1 command nobody receives. With a clean session the
+    // broker keeps nothing for the gateway, so it never runs.
+    broker.publish(&set, r#"{"action":"lock","id":"m-6"}"#, &[]);
     let _daemon = world.daemon();
     watch.wait(
         "a second refusal after the restart",
@@ -393,6 +396,13 @@ fn commands_in_every_form_get_one_outcome_each() {
     );
     broker.publish(&set, "", &["-r"]); // clear it
     assert_eq!(world.actuations().len(), 3, "{:?}", world.actuations());
+    assert!(
+        !watch
+            .all()
+            .iter()
+            .any(|m| m.topic == result && m.payload.contains("\"m-6\"")),
+        "the command sent while the gateway was away never ran"
+    );
 }
 
 #[test]
