@@ -25,6 +25,8 @@ command -v kill >/dev/null || apt_packages+=(procps)
 command -v coap-client-openssl >/dev/null || apt_packages+=(libcoap3-bin)
 command -v openssl >/dev/null || apt_packages+=(openssl)
 command -v gnutls-cli >/dev/null || apt_packages+=(gnutls-bin)
+# The unit test rates the systemd unit's hardening with systemd-analyze.
+command -v systemd-analyze >/dev/null || apt_packages+=(systemd)
 # The MQTT bridge's tests run a real broker and talk to it with mosquitto's own clients.
 command -v mosquitto >/dev/null || [[ -x /usr/sbin/mosquitto ]] || apt_packages+=(mosquitto)
 command -v mosquitto_sub >/dev/null || apt_packages+=(mosquitto-clients)
