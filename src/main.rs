@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use lockbridge::authority::{self, Authority, IssueRequest};
 use lockbridge::keys;
@@ -96,6 +96,10 @@ enum Command {
     /// The certificate and time authority.
     #[command(subcommand)]
     Authority(AuthorityCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff), as the package installs it.
+    Man,
 }
 
 #[derive(Subcommand)]
@@ -282,6 +286,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match cli.command {
         Command::Run { .. } => unreachable!("handled in main"),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "lockbridge", &mut out);
+            Ok(())
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut out)?;
+            Ok(())
+        }
         Command::CheckConfig { config } => {
             let c = lockbridge::config::Config::load(&config)?;
             writeln!(
