@@ -10,24 +10,17 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::time::{Duration, Instant};
 
 use lockbridge::command::{Action, Outcome};
 
 use common::{Emulator, World, outcome, set_lock};
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
+use support::{ms, runtime};
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    runtime().block_on(async {
         let emu = Emulator::start(2);
         // No motor time: the latency is the gateway and the BlueZ path alone.
         let w = World::new(1, |sim| set_lock(sim, 0, "motor_time_ms", toml::Value::Integer(0)));

@@ -15,39 +15,20 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
+
+mod support;
+use support::{Proc, demo_world, rss_kib, runtime, sim_and_daemon};
 use webrtc_dtls::cipher_suite::CipherSuiteId;
 use webrtc_dtls::config::{Config as DtlsConfig, ExtendedMasterSecretType};
 use webrtc_dtls::conn::DTLSConn;
 
 const PSK: &[u8] = b"lockbridge-bench-psk-0001";
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_lockbridge")
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
 
 fn free_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")
@@ -317,17 +298,7 @@ fn write_private(path: &Path, text: &str) {
 async fn gateway() -> Gateway {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("w");
-    let out = Command::new(bin())
-        .args(["demo", "--setup-only", "--json", "--locks", "2"])
-        .args([
-            "--connection-interval-ms",
-            "0",
-            "--dir",
-            dir.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = demo_world(&dir, 2);
     // Certificates: a self-signed gateway certificate and a pinned client key.
     let alg = &rcgen::PKCS_ECDSA_P256_SHA256;
     let server_key = rcgen::KeyPair::generate_for(alg).unwrap();
@@ -365,27 +336,7 @@ async fn gateway() -> Gateway {
         ),
     )
     .unwrap();
-    let endpoint = summary["sim_endpoint"].as_str().unwrap().to_string();
-    let sim = Proc(
-        Command::new(bin())
-            .args(["sim", "--config", summary["sim_config"].as_str().unwrap()])
-            .args(["--listen", &endpoint])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let sock = Path::new(endpoint.strip_prefix("unix:").unwrap()).to_path_buf();
-    while !sock.exists() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let daemon = Proc(
-        Command::new(bin())
-            .args(["run", "--config", config.to_str().unwrap()])
-            .env("LOCKBRIDGE_LOG", "warn")
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (sim, daemon) = sim_and_daemon(&summary).await;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let t = Instant::now();
     while handshake(addr, &Auth::Psk { identity: "bench" })
@@ -406,32 +357,9 @@ async fn gateway() -> Gateway {
     }
 }
 
-/// libcoap's server with the same PSK, if installed (tests/run.sh installs libcoap3-bin).
-fn coap_server_openssl() -> Option<(Proc, SocketAddr)> {
-    let port = free_port();
-    let child = Command::new("coap-server-openssl")
-        .args(["-A", "127.0.0.1", "-p", &(port - 1).to_string()])
-        .args(["-k", std::str::from_utf8(PSK).unwrap(), "-v", "0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    std::thread::sleep(Duration::from_millis(300));
-    Some((Proc(child), format!("127.0.0.1:{port}").parse().unwrap()))
-}
-
-/// `openssl s_server` in DTLS PSK mode (one handshake at a time, by its design).
-fn openssl_s_server() -> Option<(Proc, SocketAddr)> {
-    let port = free_port();
-    let child = Command::new("openssl")
-        .args(["s_server", "-dtls1_2", "-nocert", "-psk", &hex::encode(PSK)])
-        .args([
-            "-cipher",
-            "PSK-AES128-GCM-SHA256",
-            "-accept",
-            &port.to_string(),
-            "-quiet",
-        ])
+/// A peer server for the ratios, started quietly; `None` when it is not installed.
+fn peer_server(mut command: Command, port: u16) -> Option<(Proc, SocketAddr)> {
+    let child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -441,13 +369,30 @@ fn openssl_s_server() -> Option<(Proc, SocketAddr)> {
     Some((Proc(child), format!("127.0.0.1:{port}").parse().unwrap()))
 }
 
+/// libcoap's server with the same PSK, if installed (tests/run.sh installs libcoap3-bin). Its
+/// `-p` is the CoAP port; CoAP over DTLS listens on the next one.
+fn coap_server_openssl() -> Option<(Proc, SocketAddr)> {
+    let port = free_port();
+    let mut command = Command::new("coap-server-openssl");
+    command
+        .args(["-A", "127.0.0.1", "-p", &(port - 1).to_string()])
+        .args(["-k", std::str::from_utf8(PSK).unwrap(), "-v", "0"]);
+    peer_server(command, port)
+}
+
+/// `openssl s_server` in DTLS PSK mode (one handshake at a time, by its design).
+fn openssl_s_server() -> Option<(Proc, SocketAddr)> {
+    let port = free_port();
+    let mut command = Command::new("openssl");
+    command
+        .args(["s_server", "-dtls1_2", "-nocert", "-psk", &hex::encode(PSK)])
+        .args(["-cipher", "PSK-AES128-GCM-SHA256", "-quiet"])
+        .args(["-accept", &port.to_string()]);
+    peer_server(command, port)
+}
+
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    runtime().block_on(async {
         let gw = gateway().await;
         let psk = Auth::Psk { identity: "bench" };
         if std::env::args().any(|a| a == "flood") {
@@ -466,10 +411,10 @@ fn main() {
         let psk_serial = handshake_rate(gw.addr, &psk, 100, 1).await;
 
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let rss_before = rss_kib(gw.daemon.0.id());
+        let rss_before = rss_kib(gw.daemon.0.id()).0;
         let sessions = open_sessions(gw.addr, &psk, 1000).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let rss_1000 = rss_kib(gw.daemon.0.id());
+        let rss_1000 = rss_kib(gw.daemon.0.id()).0;
         let per_peer = (rss_1000.saturating_sub(rss_before)) as f64 / sessions.len() as f64;
         let gets = get_rate(&sessions, "/gateway", Duration::from_secs(5)).await;
         for s in &sessions {
@@ -481,7 +426,7 @@ fn main() {
         let flood = flood_effect(gw.addr, &psk).await;
         let (flood_rate, real_ok, real_p50, real_max) =
             (flood.rate, flood.ok, flood.p50, flood.max);
-        let alive = gw.daemon.0.id() > 0 && rss_kib(gw.daemon.0.id()) > 0;
+        let alive = gw.daemon.0.id() > 0 && rss_kib(gw.daemon.0.id()).0 > 0;
 
         // Peers on this machine, same load generator.
         let mut peer = serde_json::Map::new();

@@ -16,187 +16,52 @@
 
 #![allow(clippy::unwrap_used, clippy::print_stdout)] // benchmark code
 
+mod support;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lockbridge::command::{Action, Mode, Outcome};
-use lockbridge::config::Config;
 use lockbridge::control::{ControlClient, Request as ControlRequest};
 use lockbridge::registry::LinkStatus;
-use lockbridge::sim::config::SimConfig;
-use lockbridge::sim::serve::{Listener, SimWorld, serve};
-use lockbridge::supervisor::{Request, Supervisor};
+use lockbridge::supervisor::Request;
+
+use support::{Rig, demo_world, ms, percentile, rss_kib, runtime, sim_and_daemon};
 
 const INTERVAL_MS: u64 = 30;
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-/// A world, its simulator and the daemon, all in this process.
-struct Rig {
-    _dir: tempfile::TempDir,
-    daemon: Option<lockbridge::daemon::Daemon>,
-    stop_sim: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl Rig {
-    async fn new(interval_ms: u64, edit: impl FnOnce(String) -> String) -> Rig {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("w");
-        let summary = lockbridge::demo::setup(&dir, 2, interval_ms, None).unwrap();
-        let text = std::fs::read_to_string(&summary.daemon_config).unwrap();
-        std::fs::write(&summary.daemon_config, edit(text)).unwrap();
-        let (sim, specs) = SimConfig::load(&summary.world.sim_config).unwrap();
-        let listener = Listener::bind(&summary.sim_endpoint.parse().unwrap())
-            .await
-            .unwrap();
-        let (stop_sim, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(serve(
-            SimWorld {
-                locks: specs,
-                faults: sim.faults,
-                event_log: None,
-                seed: 1,
-            },
-            listener,
-            async {
-                let _ = stopped.await;
-            },
-        ));
-        let config = Config::load(&summary.daemon_config).unwrap();
-        let daemon = lockbridge::daemon::start(config).await.unwrap();
-        Rig {
-            _dir: tmp,
-            daemon: Some(daemon),
-            stop_sim: Some(stop_sim),
+/// A warm read through the supervisor: submit → outcome.
+async fn read(rig: &Rig, lock: &str) -> Duration {
+    let t = Instant::now();
+    let mut rx = rig.sup().submit(Request {
+        id: None,
+        lock: lock.into(),
+        action: Action::Read,
+        mode: Mode::Normal,
+        ttl: Some(Duration::from_secs(60)),
+        origin: "cli".into(),
+        source: None,
+    });
+    while let Some(r) = rx.recv().await {
+        if let Some(o) = r.outcome() {
+            assert!(matches!(o, Outcome::Success { .. }), "{o:?}");
+            return t.elapsed();
         }
     }
-
-    fn sup(&self) -> Arc<Supervisor> {
-        self.daemon.as_ref().unwrap().supervisor.clone()
-    }
-
-    async fn wait(&self, lock: &str, f: impl Fn(&lockbridge::registry::LockView) -> bool) {
-        let t = Instant::now();
-        while !self.sup().registry().get(lock).is_some_and(|v| f(&v)) {
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "{lock} did not get ready"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    async fn read(&self, lock: &str) -> Duration {
-        let t = Instant::now();
-        let mut rx = self.sup().submit(Request {
-            id: None,
-            lock: lock.into(),
-            action: Action::Read,
-            mode: Mode::Normal,
-            ttl: Some(Duration::from_secs(60)),
-            origin: "cli".into(),
-            source: None,
-        });
-        while let Some(r) = rx.recv().await {
-            if let Some(o) = r.outcome() {
-                assert!(matches!(o, Outcome::Success { .. }), "{o:?}");
-                return t.elapsed();
-            }
-        }
-        panic!("no outcome")
-    }
-
-    async fn stop(mut self) {
-        self.daemon.take().unwrap().stop().await;
-        let _ = self.stop_sim.take().unwrap().send(());
-    }
-}
-
-fn lockbridge_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_lockbridge")
-}
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    panic!("no outcome")
 }
 
 /// RSS of a real `lockbridge run` process holding 32 persistent sessions.
 async fn rss_with_32_locks() -> (u64, u64) {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("w");
-    let out = Command::new(lockbridge_bin())
-        .args([
-            "demo",
-            "--setup-only",
-            "--json",
-            "--dir",
-            dir.to_str().unwrap(),
-            "--locks",
-            "32",
-            "--connection-interval-ms",
-            "0",
-        ])
-        .output()
-        .unwrap();
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = demo_world(&tmp.path().join("w"), 32);
     let config = Path::new(summary["daemon_config"].as_str().unwrap()).to_path_buf();
     let text = std::fs::read_to_string(&config)
         .unwrap()
         .replace("link = \"on-demand\"", "link = \"persistent\"")
         .replace("max_connections = 3", "max_connections = 32");
     std::fs::write(&config, text).unwrap();
-    let endpoint = summary["sim_endpoint"].as_str().unwrap();
-    let _sim = Proc(
-        Command::new(lockbridge_bin())
-            .args([
-                "sim",
-                "--config",
-                summary["sim_config"].as_str().unwrap(),
-                "--listen",
-                endpoint,
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let sock = Path::new(endpoint.strip_prefix("unix:").unwrap()).to_path_buf();
-    while !sock.exists() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let daemon = Proc(
-        Command::new(lockbridge_bin())
-            .args(["run", "--config", config.to_str().unwrap()])
-            .env("LOCKBRIDGE_LOG", "warn")
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (_sim, daemon) = sim_and_daemon(&summary).await;
     let control = Path::new(summary["control_socket"].as_str().unwrap()).to_path_buf();
     let t = Instant::now();
     loop {
@@ -225,30 +90,31 @@ async fn rss_with_32_locks() -> (u64, u64) {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    runtime().block_on(async {
         // 1. Warm reads on a zero-delay link.
-        let rig = Rig::new(0, |t| t.replace("link = \"on-demand\"", "link = \"persistent\"")).await;
+        let rig = Rig::new(
+            0,
+            None,
+            |t| t.replace("link = \"on-demand\"", "link = \"persistent\""),
+            |_| {},
+        )
+        .await;
         rig.wait("lock-1", |v| v.status == LinkStatus::Connected && v.state.is_some()).await;
         for _ in 0..200 {
-            rig.read("lock-1").await;
+            read(&rig, "lock-1").await;
         }
         let mut zero: Vec<Duration> = Vec::new();
         for _ in 0..3000 {
-            zero.push(rig.read("lock-1").await);
+            zero.push(read(&rig, "lock-1").await);
         }
         zero.sort();
         rig.stop().await;
 
         // 2. BLE timing model: warm (persistent) and cold (on-demand, link dropped when idle).
-        let rig = Rig::new(INTERVAL_MS, |t| {
+        let rig = Rig::new(INTERVAL_MS, None, |t| {
             t.replace("link = \"persistent\"", "link = \"persistent\"\nkeepalive_s = 3600")
                 .replace("link = \"on-demand\"", "link = \"on-demand\"\nidle_disconnect_s = 1\nrefresh_s = 3600")
-        })
+        }, |_| {})
         .await;
         rig.wait("lock-1", |v| v.status == LinkStatus::Connected && v.state.is_some()).await;
         let mut warm = Vec::new();
@@ -259,12 +125,12 @@ fn main() {
             seed ^= seed >> 7;
             seed ^= seed << 17;
             tokio::time::sleep(Duration::from_micros(seed % (INTERVAL_MS * 1000))).await;
-            warm.push(rig.read("lock-1").await);
+            warm.push(read(&rig, "lock-1").await);
         }
         let mut cold = Vec::new();
         for _ in 0..15 {
             rig.wait("lock-2", |v| v.status == LinkStatus::Idle && v.state.is_some()).await;
-            cold.push(rig.read("lock-2").await);
+            cold.push(read(&rig, "lock-2").await);
         }
         rig.stop().await;
         warm.sort();

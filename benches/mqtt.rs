@@ -12,35 +12,20 @@
 
 #![allow(clippy::unwrap_used, clippy::print_stdout)] // benchmark code
 
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lockbridge::command::Step;
-use lockbridge::config::Config;
 use lockbridge::registry::GatewayEvent;
-use lockbridge::sim::config::SimConfig;
-use lockbridge::sim::serve::{Listener, SimWorld, serve};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 
+use support::{Proc, Rig, ms, percentile, runtime};
+
 const COMMANDS: usize = 300;
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 fn mosquitto(dir: &std::path::Path) -> (Proc, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -75,43 +60,23 @@ fn mosquitto(dir: &std::path::Path) -> (Proc, u16) {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(run());
+    runtime().block_on(run());
 }
 
 async fn run() {
     let tmp = tempfile::tempdir().unwrap();
     let (_broker, port) = mosquitto(tmp.path());
     let broker = format!("127.0.0.1:{port}");
-    let dir = tmp.path().join("w");
-    let summary = lockbridge::demo::setup(&dir, 2, 0, Some(&broker)).unwrap();
-    // Metrics off the hot path; Home Assistant discovery stays on, as shipped.
-    let mut text = std::fs::read_to_string(&summary.daemon_config).unwrap();
-    text.push_str("metrics_interval_s = 3600\n");
-    std::fs::write(&summary.daemon_config, text).unwrap();
-    let (sim, mut specs) = SimConfig::load(&summary.world.sim_config).unwrap();
-    for s in &mut specs {
-        s.behaviour.motor_time_ms = 5; // the bolt's travel is not what is measured here
-    }
-    let listener = Listener::bind(&summary.sim_endpoint.parse().unwrap())
-        .await
-        .unwrap();
-    tokio::spawn(serve(
-        SimWorld {
-            locks: specs,
-            faults: sim.faults,
-            event_log: None,
-            seed: 1,
-        },
-        listener,
-        std::future::pending::<()>(),
-    ));
-    let config = Config::load(&summary.daemon_config).unwrap();
-    let daemon = lockbridge::daemon::start(config).await.unwrap();
+    // Metrics off the hot path; Home Assistant discovery stays on, as shipped. The bolt's
+    // travel is not what is measured here.
+    let rig = Rig::new(
+        0,
+        Some(&broker),
+        |t| t + "metrics_interval_s = 3600\n",
+        |locks| locks.iter_mut().for_each(|l| l.behaviour.motor_time_ms = 5),
+    )
+    .await;
+    let daemon = rig.daemon.as_ref().unwrap();
     let registry = daemon.supervisor.registry().clone();
     let mut events = registry.subscribe();
 
@@ -296,5 +261,5 @@ async fn run() {
         "commands": command_latency.len(),
     });
     println!("json: {json}");
-    daemon.stop().await;
+    rig.stop().await;
 }
