@@ -220,6 +220,15 @@ impl World {
         .unwrap()
     }
 
+    /// `action` on `lock` through the control socket (30 s to live), which must succeed.
+    pub async fn succeed(&self, lock: &str, action: Action) {
+        let reports = self.command(lock, action, None, Some(30)).await;
+        assert!(
+            matches!(outcome(&reports), Outcome::Success { .. }),
+            "{action:?} {lock}: {reports:?}"
+        );
+    }
+
     pub async fn locks(&self) -> Vec<Value> {
         let mut c = ControlClient::connect(&self.control()).await.unwrap();
         c.request(&Request::Locks).await.unwrap();
