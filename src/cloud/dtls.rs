@@ -110,15 +110,12 @@ fn hello_cookie_is_empty(datagram: &[u8]) -> bool {
     hello_cookie(datagram).is_empty()
 }
 
-/// The cookie of a HelloVerifyRequest the server sent, if `datagram` is one.
-fn hello_verify_cookie(datagram: &[u8]) -> Option<Vec<u8>> {
+/// The server's datagram is a HelloVerifyRequest.
+fn is_hello_verify_request(datagram: &[u8]) -> bool {
     const HS_HELLO_VERIFY_REQUEST: u8 = 3;
-    let body = datagram.get(RECORD_HEADER..)?;
-    if datagram[0] != CT_HANDSHAKE || *body.first()? != HS_HELLO_VERIFY_REQUEST {
-        return None;
-    }
-    let len = *body.get(12 + 2)? as usize;
-    body.get(15..15 + len).map(<[u8]>::to_vec)
+    datagram.len() > RECORD_HEADER
+        && datagram[0] == CT_HANDSHAKE
+        && datagram[RECORD_HEADER] == HS_HELLO_VERIFY_REQUEST
 }
 
 /// A datagram that belongs to the handshake: the client repeating a flight.
@@ -201,10 +198,10 @@ impl PeerConn {
         self.closed.load(Ordering::SeqCst)
     }
 
-    /// The cookie this peer's HelloVerifyRequest carried, once it went out.
-    fn sent_cookie(&self) -> Option<Vec<u8>> {
+    /// This peer's HelloVerifyRequest went out (so its client could have answered).
+    fn sent_hello_verify(&self) -> bool {
         let f = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-        f.last.iter().find_map(|d| hello_verify_cookie(d))
+        f.last.iter().any(|d| is_hello_verify_request(d))
     }
 
     /// Keep the final flight for resending; called when the handshake has finished.
@@ -496,7 +493,7 @@ pub async fn demultiplex<F, Fut>(
                     continue;
                 }
                 looked += 1;
-                if e.conn.sent_cookie().is_none() {
+                if !e.conn.sent_hello_verify() {
                     unverified.push_back((a, g)); // its answer has not gone out yet
                     continue;
                 }
@@ -648,16 +645,12 @@ mod tests {
                 let _ = hello_cookie_is_empty(&first[..cut]);
             }
         }
-        // A HelloVerifyRequest's cookie: a handshake is evictable once it went out.
+        // A HelloVerifyRequest: a handshake is evictable once it went out.
         let mut hvr = vec![CT_HANDSHAKE, 0xFE, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15];
         hvr.extend_from_slice(&[3, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 3, 0xFE, 0xFF, 0]);
-        hvr[RECORD_HEADER + 14] = 0;
-        assert_eq!(hello_verify_cookie(&hvr), Some(vec![]));
-        let mut hvr2 = hvr.clone();
-        hvr2[RECORD_HEADER + 14] = 2;
-        hvr2.extend_from_slice(&[0xAB, 0xCD]);
-        assert_eq!(hello_verify_cookie(&hvr2), Some(vec![0xAB, 0xCD]));
-        assert_eq!(hello_verify_cookie(&first), None);
+        assert!(is_hello_verify_request(&hvr));
+        assert!(!is_hello_verify_request(&first));
+        assert!(!is_hello_verify_request(&hvr[..RECORD_HEADER]));
         assert_eq!(hello_cookie(&second), &[1; 20]);
         let mut fragment = first.clone();
         fragment[RECORD_HEADER + 8] = 1; // fragment_offset != 0
