@@ -36,18 +36,14 @@ pub fn read_certificates(path: &Path) -> anyhow::Result<Vec<CertificateDer<'stat
 /// A certificate chain and its PKCS#8 private key (mode 0600) as webrtc-dtls wants them.
 pub fn load_identity(cert_path: &Path, key_path: &Path) -> anyhow::Result<Certificate> {
     let certificate = read_certificates(cert_path)?;
-    let text = crate::config::read_private(key_path).map_err(|e| anyhow!(e))?;
-    let block = pem::parse(text.as_bytes())
-        .map_err(|e| anyhow!("{}: not a PEM private key: {e}", key_path.display()))?;
-    if block.tag() != "PRIVATE KEY" {
+    let key = zeroize::Zeroizing::new(read_private_key(key_path)?);
+    let rustls::pki_types::PrivateKeyDer::Pkcs8(der) = &*key else {
         bail!(
-            "{}: a {:?} block; convert it to PKCS#8 with `openssl pkcs8 -topk8 -nocrypt`",
-            key_path.display(),
-            block.tag()
+            "{}: not PKCS#8; convert it with `openssl pkcs8 -topk8 -nocrypt`",
+            key_path.display()
         );
-    }
-    let der = zeroize::Zeroizing::new(block.into_contents());
-    let pair = rcgen::KeyPair::try_from(der.as_slice())
+    };
+    let pair = rcgen::KeyPair::try_from(der.secret_pkcs8_der())
         .map_err(|e| anyhow!("{}: {e}", key_path.display()))?;
     if !pair.is_compatible(&rcgen::PKCS_ECDSA_P256_SHA256) {
         bail!("{}: not an ECDSA P-256 key", key_path.display());
@@ -186,5 +182,52 @@ impl ClientCerts {
             .get(cn)
             .cloned()
             .ok_or_else(|| format!("no coap.clients entry has certificate_cn = {cn:?}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_key(dir: &Path, name: &str, pem: &str, mode: u32) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
+    #[test]
+    fn private_keys_by_kind_and_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["lockbridge".into()])
+            .unwrap()
+            .self_signed(&pair)
+            .unwrap();
+        let cert_path = dir.path().join("c.pem");
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        let pkcs8 = write_key(dir.path(), "k.pem", &pair.serialize_pem(), 0o600);
+        assert!(load_identity(&cert_path, &pkcs8).is_ok());
+        assert!(matches!(
+            read_private_key(&pkcs8).unwrap(),
+            rustls::pki_types::PrivateKeyDer::Pkcs8(_)
+        ));
+        // SEC1 is fine for rustls (MQTT) but webrtc-dtls needs PKCS#8: the error says how.
+        let sec1_pem = pem::encode(&pem::Pem::new("EC PRIVATE KEY", vec![1, 2, 3]));
+        let sec1 = write_key(dir.path(), "sec1.pem", &sec1_pem, 0o600);
+        assert!(matches!(
+            read_private_key(&sec1).unwrap(),
+            rustls::pki_types::PrivateKeyDer::Sec1(_)
+        ));
+        let e = load_identity(&cert_path, &sec1).unwrap_err().to_string();
+        assert!(e.contains("openssl pkcs8 -topk8 -nocrypt"), "{e}");
+        // Readable by others: refused, naming the fix.
+        let open = write_key(dir.path(), "open.pem", &pair.serialize_pem(), 0o644);
+        let e = read_private_key(&open).unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+        // Not a key at all.
+        let cert_as_key = write_key(dir.path(), "cert.key", &cert.pem(), 0o600);
+        assert!(read_private_key(&cert_as_key).is_err());
     }
 }
