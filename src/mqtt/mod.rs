@@ -158,12 +158,15 @@ fn connection(config: &Config, topics: &Topics) -> anyhow::Result<(Client, Event
         .rsplit_once(':')
         .and_then(|(h, p)| Some((h.trim_matches(['[', ']']).to_string(), p.parse().ok()?)))
         .context("mqtt.broker is not HOST:PORT")?;
-    let password = match &m.password_file {
-        Some(f) => Some(
-            crate::config::read_private(&config.gateway.state_dir.join(f))
-                .map_err(|e| anyhow::anyhow!("mqtt.password_file: {e}"))?,
-        ),
-        None => None,
+    // User name and password (empty without a password file).
+    let credentials = match (&m.username, &m.password_file) {
+        (Some(user), Some(f)) => {
+            let pass = crate::config::read_private(&config.gateway.state_dir.join(f))
+                .map_err(|e| anyhow::anyhow!("mqtt.password_file: {e}"))?;
+            Some((user.clone(), pass.trim().to_string()))
+        }
+        (Some(user), None) => Some((user.clone(), String::new())),
+        (None, _) => None,
     };
     let transport = if m.tls {
         Some(rumqttc::Transport::tls_with_config(
@@ -188,10 +191,8 @@ fn connection(config: &Config, topics: &Topics) -> anyhow::Result<(Client, Event
                 rumqttc::QoS::AtLeastOnce,
                 true,
             ));
-        if let (Some(user), Some(pass)) = (&m.username, &password) {
-            o.set_credentials(user.clone(), pass.trim().to_string());
-        } else if let Some(user) = &m.username {
-            o.set_credentials(user.clone(), "");
+        if let Some((user, pass)) = credentials {
+            o.set_credentials(user, pass);
         }
         if let Some(t) = transport {
             o.set_transport(t);
@@ -210,9 +211,8 @@ fn connection(config: &Config, topics: &Topics) -> anyhow::Result<(Client, Event
                 true,
                 None,
             ));
-        if let Some(user) = &m.username {
-            let pass = password.as_ref().map(|p| p.trim().to_string());
-            o.set_credentials(user.clone(), pass.unwrap_or_default());
+        if let Some((user, pass)) = credentials {
+            o.set_credentials(user, pass);
         }
         if let Some(t) = transport {
             o.set_transport(t);
@@ -351,18 +351,18 @@ impl Task {
     fn publish_discovery(&mut self) {
         let config = self.supervisor.config().clone();
         let mut d = payload::Discovery {
-            prefix: &self.topics.discovery_prefix.clone(),
-            root: &self.topics.root.clone(),
+            prefix: &self.topics.discovery_prefix,
+            root: &self.topics.root,
             gateway: &config.gateway.id,
             open: false,
         };
-        let (topic, doc) = payload::gateway_discovery(&d, env!("CARGO_PKG_VERSION"));
-        self.publish(&topic, true, doc.to_string().into_bytes());
+        let mut docs = vec![payload::gateway_discovery(&d, env!("CARGO_PKG_VERSION"))];
         for view in self.supervisor.registry().all() {
             d.open = may_pull(&config, &view.id);
-            for (topic, doc) in payload::discovery(&d, &view) {
-                self.publish(&topic, true, doc.to_string().into_bytes());
-            }
+            docs.extend(payload::discovery(&d, &view));
+        }
+        for (topic, doc) in docs {
+            self.publish(&topic, true, doc.to_string().into_bytes());
         }
     }
 
