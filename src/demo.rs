@@ -55,6 +55,14 @@ pub struct MqttSummary {
     pub root: String,
 }
 
+/// A broker the demo's daemon bridges to.
+pub struct DemoBroker {
+    /// `HOST:PORT`.
+    pub addr: String,
+    /// `mqtt.protocol`: `"5"` or `"3.1.1"`.
+    pub protocol: &'static str,
+}
+
 /// The topic root of the demo's gateway.
 const DEMO_ROOT: &str = "lockbridge/demo";
 
@@ -94,7 +102,7 @@ pub fn setup(
     dir: &Path,
     locks: usize,
     connection_interval_ms: u64,
-    mqtt: Option<&str>,
+    mqtt: Option<&DemoBroker>,
 ) -> anyhow::Result<Summary> {
     let world = crate::sim::init(dir, locks)?;
     let (mut sim, _) = SimConfig::load(&world.sim_config)?;
@@ -154,10 +162,10 @@ pub fn setup(
          [[permissions]]\norigin = \"cli\"\nactions = [\"read\", \"lock\", \"unlock\", \"pull\"]\n\n\
          [[permissions]]\norigin = \"demo\"\nactions = [\"read\", \"lock\", \"unlock\", \"pull\"]\n"
     ));
-    if let Some(broker) = mqtt {
+    if let Some(DemoBroker { addr, protocol }) = mqtt {
         // The MQTT origin may do everything here, so Home Assistant also offers OPEN.
         toml.push_str(&format!(
-            "\n[mqtt]\nbroker = {broker:?}\nallow = [\"lock\", \"unlock\", \"pull\"]\n"
+            "\n[mqtt]\nbroker = {addr:?}\nprotocol = {protocol:?}\nallow = [\"lock\", \"unlock\", \"pull\"]\n"
         ));
     }
     let daemon_config = dir.join("lockbridge.toml");
@@ -181,7 +189,7 @@ pub fn setup(
             psk_text,
         },
         mqtt: mqtt.map(|broker| MqttSummary {
-            broker: broker.to_string(),
+            broker: broker.addr.clone(),
             root: DEMO_ROOT.into(),
         }),
     })
@@ -259,22 +267,23 @@ pub async fn run(
     // The demo runs a broker of its own unless told to use one (setup-only runs nothing).
     let embedded = opts.mqtt.is_none() && !opts.setup_only;
     let broker = match &opts.mqtt {
-        Some(b) => Some(b.clone()),
-        None if embedded => Some(embedded_broker()?),
+        Some(addr) => Some(DemoBroker {
+            addr: addr.clone(),
+            protocol: "5",
+        }),
+        // rumqttd serves MQTT 3.1.1 here.
+        None if embedded => Some(DemoBroker {
+            addr: embedded_broker()?,
+            protocol: "3.1.1",
+        }),
         None => None,
     };
     let summary = setup(
         &dir,
         opts.locks,
         opts.connection_interval_ms,
-        broker.as_deref(),
+        broker.as_ref(),
     )?;
-    if embedded {
-        // rumqttd speaks MQTT 3.1.1 here.
-        let mut text = std::fs::read_to_string(&summary.daemon_config)?;
-        text.push_str("protocol = \"3.1.1\"\n");
-        std::fs::write(&summary.daemon_config, text)?;
-    }
     if opts.setup_only {
         if opts.json {
             writeln!(out, "{}", serde_json::to_string_pretty(&summary)?)?;

@@ -129,7 +129,11 @@ impl Rig {
     ) -> Rig {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("w");
-        let summary = lockbridge::demo::setup(&dir, 2, interval_ms, mqtt).unwrap();
+        let broker = mqtt.map(|addr| lockbridge::demo::DemoBroker {
+            addr: addr.to_string(),
+            protocol: "5",
+        });
+        let summary = lockbridge::demo::setup(&dir, 2, interval_ms, broker.as_ref()).unwrap();
         let text = std::fs::read_to_string(&summary.daemon_config).unwrap();
         std::fs::write(&summary.daemon_config, config(text)).unwrap();
         let (sim, mut specs) = SimConfig::load(&summary.world.sim_config).unwrap();
