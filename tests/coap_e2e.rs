@@ -466,26 +466,31 @@ fn run_with_empty_stdin(cmd: &mut Command) -> String {
     )
 }
 
+/// `openssl s_client` handshakes as `full` with `key` (hex) and `cipher`; what it printed.
+fn openssl_psk(endpoint: &str, key: &str, cipher: &str) -> String {
+    run_with_empty_stdin(Command::new("timeout").args([
+        "8",
+        "openssl",
+        "s_client",
+        "-dtls1_2",
+        "-connect",
+        endpoint,
+        "-psk_identity",
+        "full",
+        "-psk",
+        key,
+        "-cipher",
+        cipher,
+        "-brief",
+    ]))
+}
+
 #[test]
 fn openssl_and_gnutls_complete_psk_handshakes_with_gcm_and_ccm_8() {
     let (c, _sim, _daemon) = coap_world("");
     let endpoint = format!("127.0.0.1:{}", c.port);
     for cipher in ["PSK-AES128-GCM-SHA256", "PSK-AES128-CCM8"] {
-        let text = run_with_empty_stdin(Command::new("timeout").args([
-            "8",
-            "openssl",
-            "s_client",
-            "-dtls1_2",
-            "-connect",
-            &endpoint,
-            "-psk_identity",
-            "full",
-            "-psk",
-            &hex(PSK),
-            "-cipher",
-            cipher,
-            "-brief",
-        ]));
+        let text = openssl_psk(&endpoint, &hex(PSK), cipher);
         assert!(text.contains("CONNECTION ESTABLISHED"), "{cipher}: {text}");
         assert!(
             text.contains(&format!("Ciphersuite: {cipher}")),
@@ -508,20 +513,10 @@ fn openssl_and_gnutls_complete_psk_handshakes_with_gcm_and_ccm_8() {
     ]));
     assert!(text.contains("Handshake was completed"), "{text}");
     // A wrong key is refused by both.
-    let text = run_with_empty_stdin(Command::new("timeout").args([
-        "8",
-        "openssl",
-        "s_client",
-        "-dtls1_2",
-        "-connect",
+    let text = openssl_psk(
         &endpoint,
-        "-psk_identity",
-        "full",
-        "-psk",
         "00112233445566778899aabbccddeeff",
-        "-cipher",
         "PSK-AES128-GCM-SHA256",
-        "-brief",
-    ]));
+    );
     assert!(!text.contains("CONNECTION ESTABLISHED"), "{text}");
 }

@@ -12,21 +12,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use common::{Proc, World};
+use common::{Proc, World, free_tcp_port};
 
 /// A mosquitto broker on a free loopback port, without persistence.
 struct Broker {
     port: u16,
     conf: std::path::PathBuf,
     proc: Option<Proc>,
-}
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Broker {

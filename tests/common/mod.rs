@@ -285,6 +285,14 @@ pub fn free_udp_port() -> u16 {
         .port()
 }
 
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub struct Proc(pub Child);
 
 impl Proc {
