@@ -230,8 +230,10 @@ enum AuthorityCommand {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if let Command::Run { config } = &cli.command {
-        return run_daemon(config);
+    match &cli.command {
+        Command::Run { config } => return run_daemon(config),
+        Command::CheckConfig { config } => return check_config(config),
+        _ => {}
     }
     // The demo prints its own story; only warnings and errors go to stderr by default.
     match &cli.command {
@@ -254,14 +256,55 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// `lockbridge run`: configuration errors exit with EX_CONFIG before anything starts.
-fn run_daemon(path: &std::path::Path) -> std::process::ExitCode {
-    let config = match lockbridge::config::Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("lockbridge: {e}");
-            return std::process::ExitCode::from(lockbridge::daemon::EXIT_CONFIG);
+/// What `run` checks before it starts anything, and `check-config` checks alone: the
+/// configuration and the gateway key. Either failing is exit 78 (EX_CONFIG), which the unit
+/// does not restart into.
+fn checked_config(path: &std::path::Path) -> anyhow::Result<lockbridge::config::Config> {
+    let config = lockbridge::config::Config::load(path)?;
+    let key_path = config.key_path();
+    keys::load(&key_path).map_err(|e| match e {
+        keys::KeyError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            anyhow::anyhow!(
+                "gateway key {0}: not found; create it with `lockbridge keys init --out {0}` as \
+                 the service user",
+                key_path.display()
+            )
         }
+        e => anyhow::anyhow!("gateway key: {e}"),
+    })?;
+    Ok(config)
+}
+
+fn config_error(e: anyhow::Error) -> std::process::ExitCode {
+    eprintln!("lockbridge: {e:#}");
+    std::process::ExitCode::from(lockbridge::daemon::EXIT_CONFIG)
+}
+
+/// `lockbridge check-config`: one line saying what was checked, or the reason and exit 78.
+fn check_config(path: &std::path::Path) -> std::process::ExitCode {
+    let c = match checked_config(path) {
+        Ok(c) => c,
+        Err(e) => return config_error(e),
+    };
+    let line = format!(
+        "{}: ok ({} locks, transport {:?}, credentials {:?}, gateway key {})",
+        path.display(),
+        c.locks.len(),
+        c.ble.transport,
+        c.credentials.provider,
+        c.key_path().display()
+    );
+    match writeln!(std::io::stdout(), "{line}") {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(_) => std::process::ExitCode::FAILURE,
+    }
+}
+
+/// `lockbridge run`: configuration and key errors exit with EX_CONFIG before anything starts.
+fn run_daemon(path: &std::path::Path) -> std::process::ExitCode {
+    let config = match checked_config(path) {
+        Ok(c) => c,
+        Err(e) => return config_error(e),
     };
     lockbridge::telemetry::init_daemon(&config.log.level);
     let result = runtime().and_then(|rt| {
@@ -285,25 +328,13 @@ fn run_daemon(path: &std::path::Path) -> std::process::ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match cli.command {
-        Command::Run { .. } => unreachable!("handled in main"),
+        Command::Run { .. } | Command::CheckConfig { .. } => unreachable!("handled in main"),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "lockbridge", &mut out);
             Ok(())
         }
         Command::Man => {
             clap_mangen::Man::new(Cli::command()).render(&mut out)?;
-            Ok(())
-        }
-        Command::CheckConfig { config } => {
-            let c = lockbridge::config::Config::load(&config)?;
-            writeln!(
-                out,
-                "{}: ok ({} locks, transport {:?}, credentials {:?})",
-                config.display(),
-                c.locks.len(),
-                c.ble.transport,
-                c.credentials.provider
-            )?;
             Ok(())
         }
         Command::Ctl { config, json, what } => {

@@ -109,20 +109,44 @@ fn check_config_exits_non_zero_with_the_reason() {
         .args(["check-config", "--config", path.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(78), "EX_CONFIG");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("ble.max_connections"), "{err}");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lockbridge"))
-        .args([
-            "check-config",
-            "--config",
-            etc("lockbridge.toml").to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+
+    // The shipped config passes once its state directory holds a gateway key of mode 0600;
+    // `run` makes the same checks first and exits the same way.
+    let with_shipped = |command: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_lockbridge"))
+            .args([
+                command,
+                "--config",
+                etc("lockbridge.toml").to_str().unwrap(),
+            ])
+            .env("LOCKBRIDGE_GATEWAY__STATE_DIR", dir.path())
+            .output()
+            .unwrap()
+    };
+    let check_shipped = || with_shipped("check-config");
+    for out in [check_shipped(), with_shipped("run")] {
+        assert_eq!(out.status.code(), Some(78), "EX_CONFIG");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("gateway.key: not found; create it with `lockbridge keys init"),
+            "{err}"
+        );
+    }
+    let key = dir.path().join("gateway.key");
+    lockbridge::keys::generate(&key).unwrap();
+    let out = check_shipped();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let out = check_shipped();
+    assert_eq!(out.status.code(), Some(78), "EX_CONFIG");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("chmod 600"), "{err}");
 }
