@@ -30,6 +30,27 @@ command -v systemd-analyze >/dev/null || apt_packages+=(systemd)
 # The MQTT bridge's tests run a real broker and talk to it with mosquitto's own clients.
 command -v mosquitto >/dev/null || [[ -x /usr/sbin/mosquitto ]] || apt_packages+=(mosquitto)
 command -v mosquitto_sub >/dev/null || apt_packages+=(mosquitto-clients)
+# The Debian package: cargo-deb computes its dependencies with dpkg-shlibdeps; lintian checks it.
+command -v dpkg-shlibdeps >/dev/null || apt_packages+=(dpkg-dev)
+command -v lintian >/dev/null || apt_packages+=(lintian)
+# The Raspberry Pi (arm64) build: Debian's cross gcc and arm64 libdbus, and Debian's own Rust,
+# whose standard library for arm64 is a package (libstd-rust-web-dev:arm64) rather than a rustup
+# download; qemu-user runs the arm64 binary in the tests.
+if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "tests/run.sh: the arm64 build needs: dpkg --add-architecture arm64 (as root)" >&2
+        exit 1
+    fi
+    say "enabling arm64 packages (dpkg --add-architecture arm64)"
+    dpkg --add-architecture arm64
+fi
+command -v aarch64-linux-gnu-gcc >/dev/null || apt_packages+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'ok installed'; }
+installed libdbus-1-dev:arm64 || apt_packages+=(libdbus-1-dev:arm64)
+installed rustc-web || apt_packages+=(rustc-web)
+installed cargo-web || apt_packages+=(cargo-web)
+installed libstd-rust-web-dev:arm64 || apt_packages+=(libstd-rust-web-dev:arm64)
+command -v qemu-aarch64 >/dev/null || apt_packages+=(qemu-user)
 if ((${#apt_packages[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "tests/run.sh: missing ${apt_packages[*]}; run as root or: apt-get install ${apt_packages[*]}" >&2
@@ -50,6 +71,11 @@ for component in fmt clippy; do
         exit 1
     fi
 done
+
+if ! cargo deb --version >/dev/null 2>&1; then
+    say "installing cargo-deb"
+    cargo install --locked cargo-deb
+fi
 
 # --- Python tools (independent known-answer vectors, BlueZoo) ------------------------------
 if [[ ! -x .venv/bin/python ]]; then
@@ -74,6 +100,10 @@ cargo clippy --all-targets --quiet -- -D warnings
 
 say "PTLS vectors: regenerate independently and compare with the committed file"
 .venv/bin/python tests/vectors/gen_ptls_vectors.py --check
+
+say "Debian packages (amd64, and arm64 for the Raspberry Pi)"
+packaging/build-deb
+packaging/build-deb --target aarch64-unknown-linux-gnu
 
 say "cargo test"
 cargo test --quiet 2>&1 | tee target/test-output.txt

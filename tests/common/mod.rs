@@ -12,19 +12,80 @@ use serde_json::Value;
 use lockbridge::command::{Action, Mode, Outcome, Report};
 use lockbridge::control::{ControlClient, Request};
 
+/// How a test starts lockbridge: this build's binary, or another build of it (the packaged
+/// arm64 binary runs under qemu-aarch64).
+#[derive(Clone)]
+pub struct Binary(Vec<std::ffi::OsString>);
+
+impl Binary {
+    pub fn this_build() -> Binary {
+        Binary(vec![env!("CARGO_BIN_EXE_lockbridge").into()])
+    }
+
+    /// An aarch64 binary, run by qemu's user-mode emulator with Debian's arm64 libraries.
+    pub fn arm64(path: &Path) -> Binary {
+        Binary(vec!["qemu-aarch64".into(), path.into()])
+    }
+
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.0[0]);
+        cmd.args(&self.0[1..]);
+        cmd
+    }
+
+    /// Run to completion; its standard output, or a panic with its standard error.
+    pub fn run(&self, args: &[&str]) -> String {
+        let out = self
+            .command()
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{:?}: {e}", self.0[0]));
+        assert!(
+            out.status.success(),
+            "lockbridge {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+/// The package packaging/build-deb made for `arch` ("amd64" or "arm64") from this version.
+pub fn deb(arch: &str) -> PathBuf {
+    let build = match arch {
+        "amd64" => "packaging/build-deb",
+        _ => "packaging/build-deb --target aarch64-unknown-linux-gnu",
+    };
+    let name = format!("lockbridge_{}-1_{arch}.deb", env!("CARGO_PKG_VERSION"));
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/debian")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `{build}` (tests/run.sh does)",
+        path.display()
+    );
+    path
+}
+
 pub struct World {
     _dir: tempfile::TempDir,
     pub dir: PathBuf,
     pub summary: Value,
+    pub bin: Binary,
 }
 
 impl World {
     /// A demo world with `locks` locks, instant links and short motor time; `edit` changes
     /// sim.toml (as a TOML table) before anything runs.
     pub fn new(locks: usize, edit: impl FnOnce(&mut toml::Table)) -> World {
+        World::with_binary(Binary::this_build(), locks, edit)
+    }
+
+    /// [`World::new`], with every lockbridge process started from `bin`.
+    pub fn with_binary(bin: Binary, locks: usize, edit: impl FnOnce(&mut toml::Table)) -> World {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("w");
-        let out = lockbridge(&[
+        let out = bin.run(&[
             "demo",
             "--setup-only",
             "--json",
@@ -54,6 +115,7 @@ impl World {
             _dir: tmp,
             dir,
             summary,
+            bin,
         }
     }
 
@@ -84,7 +146,9 @@ impl World {
     /// Serve the locks as BLE peripherals on `adapters` (one each) of the emulator.
     pub fn sim_ble(&self, emu: &Emulator, adapters: &str) -> Proc {
         let log_path = self.dir.join(format!("sim-ble-{}.log", unique()));
-        let child = Command::new(env!("CARGO_BIN_EXE_lockbridge"))
+        let child = self
+            .bin
+            .command()
             .args([
                 "sim",
                 "--config",
@@ -117,7 +181,9 @@ impl World {
         let endpoint = self.summary["sim_endpoint"].as_str().unwrap();
         let socket = PathBuf::from(endpoint.strip_prefix("unix:").unwrap());
         let _ = std::fs::remove_file(&socket);
-        let child = Command::new(env!("CARGO_BIN_EXE_lockbridge"))
+        let child = self
+            .bin
+            .command()
             .args([
                 "sim",
                 "--config",
@@ -139,7 +205,7 @@ impl World {
             Instant::now().elapsed().as_nanos()
         )))
         .unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockbridge"));
+        let mut cmd = self.bin.command();
         cmd.args(["run", "--config", self.daemon_config().to_str().unwrap()])
             .env("LOCKBRIDGE_LOG", "debug")
             .stdout(Stdio::null())
@@ -326,16 +392,7 @@ impl Drop for Proc {
 }
 
 pub fn lockbridge(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_lockbridge"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "lockbridge {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    Binary::this_build().run(args)
 }
 
 pub fn wait_for(mut ok: impl FnMut() -> bool, what: &str) {
