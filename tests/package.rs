@@ -78,13 +78,20 @@ fn assert_state_kept(before: &[(String, Vec<u8>)], when: &str) {
     }
 }
 
-fn installed_version() -> Option<String> {
+/// dpkg's status and version of lockbridge, when dpkg knows it at all (installed, or removed
+/// with its configuration kept).
+fn dpkg_status() -> Option<String> {
     let out = run(
         "dpkg-query",
         &["-W", "-f=${Status} ${Version}", "lockbridge"],
     );
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    text.strip_prefix("install ok installed ")
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && !text.contains("not-installed")).then_some(text)
+}
+
+fn installed_version() -> Option<String> {
+    dpkg_status()?
+        .strip_prefix("install ok installed ")
         .map(str::to_string)
 }
 
@@ -120,6 +127,18 @@ fn with_revision(deb: &Path, revision: &str, dir: &Path) -> PathBuf {
         ],
     );
     out
+}
+
+/// A failed run must not leave the package installed: the next run would refuse to start.
+/// (The test only begins when lockbridge was not installed, so purging is safe.)
+struct PurgeOnDrop;
+
+impl Drop for PurgeOnDrop {
+    fn drop(&mut self) {
+        if dpkg_status().is_some() || Path::new(STATE).exists() {
+            let _ = run("dpkg", &["-P", "lockbridge"]);
+        }
+    }
 }
 
 #[test]
@@ -210,15 +229,16 @@ fn install_check_upgrade_remove_and_purge() {
     );
     // Never purge a real installation: its key could not be recovered.
     assert!(
-        installed_version().is_none() && !Path::new(STATE).exists(),
+        dpkg_status().is_none() && !Path::new(STATE).exists(),
         "lockbridge is installed here (or {STATE} exists); this test would purge it — run it on a \
          test machine, or `dpkg -P lockbridge` first"
     );
     let deb = deb("amd64");
     let tmp = tempfile::tempdir().unwrap();
+    let _purge = PurgeOnDrop;
 
-    // First install: the user, the state directory and a new key.
-    let out = ok("dpkg", &["-i", deb.to_str().unwrap()]);
+    // First install, as an operator does it: the user, the state directory and a new key.
+    let out = ok("apt-get", &["install", "-y", deb.to_str().unwrap()]);
     assert!(!out.contains("PRIVATE KEY"), "{out}");
     let public = out
         .lines()
@@ -329,6 +349,8 @@ fn install_check_upgrade_remove_and_purge() {
 
     // Remove keeps configuration and state; installing again picks them up unchanged.
     ok("dpkg", &["-r", "lockbridge"]);
+    let status = dpkg_status().unwrap();
+    assert!(status.starts_with("deinstall ok config-files"), "{status}");
     assert!(!Path::new("/usr/bin/lockbridge").exists());
     assert_state_kept(&before, "after remove");
     ok("dpkg", &["-i", upgrade.to_str().unwrap()]);
@@ -337,7 +359,7 @@ fn install_check_upgrade_remove_and_purge() {
 
     // Purge: nothing of the package, and no file of its user, is left.
     ok("dpkg", &["-P", "lockbridge"]);
-    assert!(installed_version().is_none());
+    assert_eq!(dpkg_status(), None);
     // symlink_metadata: a dangling enable or mask link counts as left behind.
     for path in files_of(&deb).iter().map(String::as_str).chain([
         STATE,
