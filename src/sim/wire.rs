@@ -109,6 +109,14 @@ impl SimMsg {
         let channel = |r: &mut Reader| -> Result<Channel, Malformed> {
             Channel::from_short(r.u8()?).ok_or(malformed("sim socket characteristic"))
         };
+        // WITH_RESPONSE and ON are 0 or 1; anything else is a broken peer, not "yes".
+        let flag = |r: &mut Reader| -> Result<bool, Malformed> {
+            match r.u8()? {
+                0 => Ok(false),
+                1 => Ok(true),
+                _ => Err(malformed("sim socket flag (0 or 1)")),
+            }
+        };
         let msg = match kind {
             CONNECT => {
                 let att_mtu = r.u16()?;
@@ -121,7 +129,7 @@ impl SimMsg {
             REFUSED => SimMsg::Refused { reason: r.u8()? },
             WRITE => {
                 let channel = channel(&mut r)?;
-                let with_response = r.u8()? != 0;
+                let with_response = flag(&mut r)?;
                 SimMsg::Write {
                     channel,
                     with_response,
@@ -135,7 +143,7 @@ impl SimMsg {
                 let channel = channel(&mut r)?;
                 SimMsg::Subscribe {
                     channel,
-                    on: r.u8()? != 0,
+                    on: flag(&mut r)?,
                 }
             }
             SUBSCRIBED => SimMsg::Subscribed {
@@ -179,6 +187,21 @@ pub async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, msg: &SimMsg) -> io::Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Found by fuzzing (sim_socket): a flag byte of 53 decoded as true and re-encoded as 1.
+    #[test]
+    fn flags_other_than_0_or_1_are_malformed() {
+        assert!(SimMsg::decode(WRITE, &[4, 53, 0x03]).is_err());
+        assert!(SimMsg::decode(SUBSCRIBE, &[3, 2]).is_err());
+        assert_eq!(
+            SimMsg::decode(WRITE, &[4, 1, 0x03]).unwrap(),
+            SimMsg::Write {
+                channel: Channel::PtlsRx,
+                with_response: true,
+                value: vec![0x03],
+            }
+        );
+    }
 
     #[test]
     fn every_message_round_trips() {
