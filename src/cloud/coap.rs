@@ -31,6 +31,63 @@ const DEDUP_CACHE: usize = 32;
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_RETRANSMIT: u32 = 4;
 
+/// What a request asks for, read from its method, path and payload before anything runs.
+#[derive(Debug, PartialEq)]
+pub enum Route {
+    Core,
+    Gateway,
+    Locks,
+    Lock(String),
+    Command {
+        lock: String,
+        action: Action,
+        mode: Option<Mode>,
+        request_id: Option<String>,
+    },
+}
+
+impl Route {
+    /// The resource a request names, or the response code and reason it is refused with.
+    pub fn parse(
+        method: RequestType,
+        path: &str,
+        payload: &[u8],
+    ) -> Result<Route, (ResponseType, String)> {
+        let refuse = |status, why: &str| Err((status, why.to_string()));
+        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        match (method, segments.as_slice()) {
+            (RequestType::Get, [".well-known", "core"]) => Ok(Route::Core),
+            (RequestType::Get, ["gateway"]) => Ok(Route::Gateway),
+            (RequestType::Get, ["locks"]) => Ok(Route::Locks),
+            (RequestType::Get, ["locks", id]) => Ok(Route::Lock(id.to_string())),
+            (RequestType::Post, ["locks", id, action]) => {
+                let Ok(action) = action.parse::<Action>() else {
+                    return refuse(ResponseType::NotFound, "unknown action");
+                };
+                if action == Action::Read {
+                    return refuse(ResponseType::MethodNotAllowed, "use GET to read");
+                }
+                let body: CommandBody = if payload.is_empty() {
+                    CommandBody::default()
+                } else {
+                    serde_json::from_slice(payload)
+                        .map_err(|e| (ResponseType::BadRequest, format!("bad payload: {e}")))?
+                };
+                Ok(Route::Command {
+                    lock: id.to_string(),
+                    action,
+                    mode: body.mode,
+                    request_id: body.request_id,
+                })
+            }
+            (_, ["locks", ..] | ["gateway"] | [".well-known", "core"]) => {
+                refuse(ResponseType::MethodNotAllowed, "method not allowed")
+            }
+            _ => refuse(ResponseType::NotFound, "no such resource"),
+        }
+    }
+}
+
 /// One authenticated peer, shared by its request loop and the tasks it starts (separate
 /// responses, observations).
 struct Peer {
@@ -162,8 +219,8 @@ pub async fn serve_peer(peer: NewPeer, endpoint: Arc<Endpoint>) {
                 break;
             }
         };
-        let Ok(packet) = Packet::from_bytes(&buf[..n]) else {
-            continue; // not CoAP: ignored, as RFC 7252 asks for malformed messages
+        let Some(packet) = read_message(&buf[..n]) else {
+            continue; // ignored, as RFC 7252 asks for malformed messages
         };
         let mid = packet.header.message_id;
         match packet.header.get_type() {
@@ -220,6 +277,19 @@ pub async fn serve_peer(peer: NewPeer, endpoint: Arc<Endpoint>) {
     }
     pending.abort_all();
     let _ = dtls.close().await;
+}
+
+/// The largest request lockbridge reads. Its own requests are a path and a short JSON body
+/// (a few hundred bytes); coap-lite's `BlockHandler` panics on some larger ones (it cannot
+/// re-encode one over 1,280 bytes, and divides by zero at exactly 1,140 bytes of options).
+pub const MAX_REQUEST_BYTES: usize = 1024;
+
+/// A datagram as a CoAP message, or `None` if it is not one lockbridge can answer: not CoAP,
+/// or over [`MAX_REQUEST_BYTES`] as encoded.
+pub fn read_message(datagram: &[u8]) -> Option<Packet> {
+    let packet = Packet::from_bytes(datagram).ok()?;
+    let encoded = packet.to_bytes().ok()?;
+    (encoded.len() <= MAX_REQUEST_BYTES).then_some(packet)
 }
 
 /// Keep the last answers by message id for de-duplication (RFC 7252 §4.5).
@@ -377,16 +447,22 @@ async fn handle(
     request: CoapRequest<std::net::SocketAddr>,
 ) -> Option<Reply> {
     let response = request.response.clone()?;
-    let path = request.get_path();
-    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let method = *request.get_method();
+    let route = Route::parse(
+        *request.get_method(),
+        &request.get_path(),
+        &request.message.payload,
+    );
+    let route = match route {
+        Ok(route) => route,
+        Err((status, why)) => return Some(Reply::Now(error(response, status, &why))),
+    };
     let sup = &endpoint.supervisor;
     let config = sup.config();
     let identity = peer.identity.as_str();
     let who = crate::config::Who::now(identity, Some(peer.source));
     let may_read = |lock: &str| config.allows(&who, lock, Action::Read);
-    Some(Reply::Now(match (method, segments.as_slice()) {
-        (RequestType::Get, [".well-known", "core"]) => {
+    Some(Reply::Now(match route {
+        Route::Core => {
             let mut links = vec![
                 "</gateway>;rt=\"lockbridge.gateway\";ct=50".to_string(),
                 "</locks>;rt=\"lockbridge.locks\";ct=50".to_string(),
@@ -400,7 +476,7 @@ async fn handle(
             r.message.payload = links.join(",").into_bytes();
             r.message
         }
-        (RequestType::Get, ["gateway"]) => {
+        Route::Gateway => {
             use std::sync::atomic::Ordering::Relaxed;
             let all = sup.registry().all();
             let body = serde_json::json!({
@@ -416,7 +492,7 @@ async fn handle(
             });
             json_response(response, ResponseType::Content, &body)
         }
-        (RequestType::Get, ["locks"]) => {
+        Route::Locks => {
             let visible: Vec<_> = sup
                 .registry()
                 .all()
@@ -425,9 +501,9 @@ async fn handle(
                 .collect();
             json_response(response, ResponseType::Content, &visible)
         }
-        (RequestType::Get, ["locks", id]) => match sup.registry().get(id) {
+        Route::Lock(id) => match sup.registry().get(&id) {
             None => error(response, ResponseType::NotFound, "unknown lock"),
-            Some(_) if !may_read(id) => {
+            Some(_) if !may_read(&id) => {
                 log::warn!("coap: {identity} may not read {id}: 4.03");
                 error(
                     response,
@@ -437,40 +513,17 @@ async fn handle(
             }
             Some(v) => json_response(response, ResponseType::Content, &v),
         },
-        (RequestType::Post, ["locks", id, action]) => {
-            let Ok(action) = action.parse::<Action>() else {
-                return Some(Reply::Now(error(
-                    response,
-                    ResponseType::NotFound,
-                    "unknown action",
-                )));
-            };
-            if action == Action::Read {
-                return Some(Reply::Now(error(
-                    response,
-                    ResponseType::MethodNotAllowed,
-                    "use GET to read",
-                )));
-            }
-            let body: CommandBody = if request.message.payload.is_empty() {
-                CommandBody::default()
-            } else {
-                match serde_json::from_slice(&request.message.payload) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        return Some(Reply::Now(error(
-                            response,
-                            ResponseType::BadRequest,
-                            &format!("bad payload: {e}"),
-                        )));
-                    }
-                }
-            };
+        Route::Command {
+            lock,
+            action,
+            mode,
+            request_id,
+        } => {
             let mut rx = sup.submit(Request {
-                id: body.request_id,
-                lock: id.to_string(),
+                id: request_id,
+                lock,
                 action,
-                mode: body.mode.unwrap_or_default(),
+                mode: mode.unwrap_or_default(),
                 ttl: None,
                 origin: identity.to_string(),
                 source: Some(peer.source),
@@ -521,11 +574,106 @@ async fn handle(
                 }
             }
         }
-        (_, ["locks", ..] | ["gateway"] | [".well-known", "core"]) => error(
-            response,
-            ResponseType::MethodNotAllowed,
-            "method not allowed",
-        ),
-        _ => error(response, ResponseType::NotFound, "no such resource"),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether coap-lite's BlockHandler panics on this request.
+    fn block_handler_panics(packet: Packet) -> bool {
+        std::panic::catch_unwind(|| {
+            let mut request = CoapRequest::from_packet(packet, ([127, 0, 0, 1], 1).into());
+            let mut blocks: BlockHandler<std::net::SocketAddr> =
+                BlockHandler::new(BlockHandlerConfig::default());
+            let _ = blocks.intercept_request(&mut request);
+        })
+        .is_err()
+    }
+
+    /// A GET with `paths` Uri-Path options of 12 bytes, `tail` more bytes of path, and
+    /// `block1` as its Block1 option.
+    fn get_with_options(paths: usize, tail: usize, block1: Option<u8>) -> Vec<u8> {
+        let mut datagram = vec![0x40, 0x01, 0x12, 0x34];
+        for i in 0..paths {
+            datagram.push(if i == 0 { 0xBC } else { 0x0C }); // Uri-Path (11), 12 bytes
+            datagram.extend([b'x'; 12]);
+        }
+        datagram.push(if paths == 0 { 0xB0 } else { 0x00 } | tail as u8);
+        datagram.extend(std::iter::repeat_n(b'y', tail));
+        if let Some(value) = block1 {
+            datagram.extend([0xD1, 0x03, value]); // Block1 (27 = 11 + 13 + 3), 1 byte
+        }
+        datagram
+    }
+
+    // Found by fuzzing (coap_request): requests that made coap-lite's BlockHandler panic in
+    // the peer's task — one over 1,280 bytes ("Internal error encoding packet") and one of
+    // exactly 1,140 bytes with a Block1 option (division by zero).
+    #[test]
+    fn requests_that_crash_the_block_handler_are_dropped_before_it() {
+        let too_large = get_with_options(100, 1, None);
+        let exact = get_with_options(87, 1, Some(0x02));
+        assert_eq!((too_large.len(), exact.len()), (1306, 1140));
+        for datagram in [too_large, exact] {
+            let packet = Packet::from_bytes(&datagram).expect("valid CoAP");
+            assert!(
+                block_handler_panics(packet),
+                "coap-lite no longer panics here"
+            );
+            assert!(read_message(&datagram).is_none());
+        }
+        let fine = get_with_options(70, 3, Some(0x02));
+        assert!(fine.len() <= MAX_REQUEST_BYTES);
+        assert!(read_message(&fine).is_some());
+    }
+
+    #[test]
+    fn routes_and_refusals() {
+        let parse = |m, p: &str, b: &str| Route::parse(m, p, b.as_bytes());
+        assert_eq!(parse(RequestType::Get, "locks", ""), Ok(Route::Locks));
+        assert_eq!(
+            parse(RequestType::Get, "/locks/front//", ""),
+            Ok(Route::Lock("front".into()))
+        );
+        assert_eq!(
+            parse(
+                RequestType::Post,
+                "locks/front/unlock",
+                r#"{"mode":"force","request_id":"r1"}"#
+            ),
+            Ok(Route::Command {
+                lock: "front".into(),
+                action: Action::Unlock,
+                mode: Some(Mode::Force),
+                request_id: Some("r1".into()),
+            })
+        );
+        let status = |r: Result<Route, (ResponseType, String)>| r.unwrap_err().0;
+        assert_eq!(
+            status(parse(RequestType::Post, "locks/front/read", "")),
+            ResponseType::MethodNotAllowed
+        );
+        assert_eq!(
+            status(parse(RequestType::Post, "locks/front/open", "")),
+            ResponseType::NotFound
+        );
+        assert_eq!(
+            status(parse(
+                RequestType::Post,
+                "locks/front/lock",
+                "{\"colour\":1}"
+            )),
+            ResponseType::BadRequest
+        );
+        assert_eq!(
+            status(parse(RequestType::Delete, "gateway", "")),
+            ResponseType::MethodNotAllowed
+        );
+        assert_eq!(
+            status(parse(RequestType::Get, "nothing", "")),
+            ResponseType::NotFound
+        );
+    }
 }
