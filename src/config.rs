@@ -624,12 +624,27 @@ impl Config {
                 reason: "not found; pass --config or create it from etc/lockbridge.toml".into(),
             });
         }
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: name.clone(),
+            key: "(file)".into(),
+            reason: format!("{e}; the service user must be able to read it"),
+        })?;
+        Self::parse(&name, &text, env)
+    }
+
+    /// Parse configuration `text` (named `name` in errors), apply `LOCKBRIDGE_*` overrides from
+    /// `env`, check every value.
+    pub fn parse(
+        name: &str,
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
         let env: std::collections::HashMap<String, String> = env
             .into_iter()
             .filter(|(k, _)| k.starts_with("LOCKBRIDGE_") && k.contains("__"))
             .collect();
         let built = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .add_source(
                 config::Environment::with_prefix("LOCKBRIDGE")
                     .prefix_separator("_")
@@ -638,11 +653,11 @@ impl Config {
                     .source(Some(env)),
             )
             .build()
-            .map_err(|e| from_config_error(&name, e))?;
+            .map_err(|e| from_config_error(name, e))?;
         let cfg: Config = built
             .try_deserialize()
-            .map_err(|e| from_config_error(&name, e))?;
-        cfg.validate(&name)?;
+            .map_err(|e| from_config_error(name, e))?;
+        cfg.validate(name)?;
         Ok(cfg)
     }
 

@@ -251,28 +251,8 @@ fn valid_frames() -> Vec<(Channel, Vec<u8>)> {
 
 /// A client and a lock taken to `stage` (0 fresh, 1 after hellos, 2 established).
 fn endpoints_at(stage: u8) -> (Client, Server, Instant) {
-    let f = Fixture::new(301);
-    let mut p = f.pair(7, &FaultConfig::default());
-    let now = p.now;
-    let steps = [1usize, 3, usize::MAX][usize::from(stage.min(2))];
-    let mut delivered = 0;
-    while delivered < steps && !p.client.is_established() {
-        if let Some(t) = p.client.poll_transmit() {
-            p.lock.handle_input(now, t.channel, &t.bytes);
-            delivered += 1;
-            continue;
-        }
-        if let Some(t) = p.lock.poll_transmit() {
-            p.client.handle_input(now, t.channel, &t.bytes);
-            delivered += 1;
-            continue;
-        }
-        if stage == 0 {
-            break;
-        }
-    }
-    let Pair { client, lock, .. } = p;
-    (client, lock, now)
+    let frames = [1usize, 3, usize::MAX][usize::from(stage.min(2))];
+    Fixture::new(301).endpoints_after(7, frames)
 }
 
 fn channel_of(n: u8) -> Channel {

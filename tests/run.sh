@@ -76,6 +76,15 @@ if ! cargo deb --version >/dev/null 2>&1; then
     say "installing cargo-deb"
     cargo install --locked cargo-deb
 fi
+# Fuzzing needs nightly's sanitizer-coverage flags, and cargo-fuzz.
+if ! cargo +nightly --version >/dev/null 2>&1; then
+    echo "tests/run.sh: the fuzz targets need the nightly toolchain; install it with: rustup toolchain install nightly" >&2
+    exit 1
+fi
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    say "installing cargo-fuzz"
+    cargo install --locked cargo-fuzz
+fi
 
 # --- Python tools (independent known-answer vectors, BlueZoo) ------------------------------
 if [[ ! -x .venv/bin/python ]]; then
@@ -94,6 +103,7 @@ fi
 # --- checks -------------------------------------------------------------------------------
 say "cargo fmt --check"
 cargo fmt --check
+cargo fmt --check --manifest-path fuzz/Cargo.toml
 
 say "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
@@ -112,5 +122,27 @@ if grep -q "test result: FAILED" target/test-output.txt; then
 fi
 passed=$(grep -o '[0-9]* passed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
 failed=$(grep -o '[0-9]* failed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
+
+# Each fuzz target for a bounded time (FUZZ_SECONDS, default 30), from seeds taken from real
+# traffic plus every input that once crashed it (fuzz/regressions/); any crash fails the run.
+fuzz_seconds=${FUZZ_SECONDS:-30}
+say "fuzzing: each target for ${fuzz_seconds} s"
+cargo run --quiet --example fuzz_seeds -- fuzz/corpus
+(cd fuzz && cargo +nightly fuzz build --sanitizer none --debug-assertions)
+for target in $(cd fuzz && cargo +nightly fuzz list); do
+    regressions=()
+    [[ -d fuzz/regressions/$target ]] && regressions=("regressions/$target")
+    log="target/fuzz-$target.log"
+    if (cd fuzz && cargo +nightly fuzz run --sanitizer none --debug-assertions "$target" \
+            "corpus/$target" "${regressions[@]}" -- -max_total_time="$fuzz_seconds") >"$log" 2>&1; then
+        echo "fuzz $target: ok, $(grep -o 'Done [0-9]* runs' "$log" | tail -n 1 | cut -d' ' -f2) runs"
+        passed=$((passed + 1))
+    else
+        echo "fuzz $target: FAILED (the input is in fuzz/artifacts/$target/; make it a regression test)"
+        tail -n 40 "$log"
+        failed=$((failed + 1))
+    fi
+done
 echo
 echo "${passed} passed, ${failed} failed"
+((failed == 0))

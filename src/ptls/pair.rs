@@ -263,4 +263,25 @@ impl Fixture {
         let client = self.client(self.client_config(), seed.wrapping_mul(2), now);
         Pair::new(client, lock, now, faults)
     }
+
+    /// A client and a lock stopped part-way through their handshake: `frames` frames delivered
+    /// (hello, server hello, server verify, …), or fewer if it ends first. Tests and fuzz
+    /// targets feed bad bytes to either side at that point.
+    pub fn endpoints_after(&self, seed: u64, frames: usize) -> (Client, Server, Instant) {
+        let mut p = self.pair(seed, &FaultConfig::default());
+        let now = p.now;
+        let mut delivered = 0;
+        while delivered < frames && !p.client.is_established() {
+            if let Some(t) = p.client.poll_transmit() {
+                p.lock.handle_input(now, t.channel, &t.bytes);
+            } else if let Some(t) = p.lock.poll_transmit() {
+                p.client.handle_input(now, t.channel, &t.bytes);
+            } else {
+                break;
+            }
+            delivered += 1;
+        }
+        let Pair { client, lock, .. } = p;
+        (client, lock, now)
+    }
 }
