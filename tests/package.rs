@@ -1,5 +1,5 @@
-//! The Debian package on this machine: `dpkg -i` creates the service user and, once, the
-//! gateway key (0600, owned by the service user); `check-config` passes as that user; an
+//! The Debian package on this machine: installing it (`apt-get install ./….deb`, as an
+//! operator does) creates the service user and, once, the gateway key (0600, owned by the service user); `check-config` passes as that user; an
 //! upgrade and a reinstall keep the configuration, key, certificates and command-id store;
 //! `dpkg -r` then `dpkg -P` leave nothing behind; lintian reports no errors for either
 //! architecture. tests/run.sh builds both packages first (packaging/build-deb).
