@@ -321,6 +321,7 @@ pub async fn run(
         SimWorld {
             locks: specs,
             faults: sim_config.faults.clone(),
+            chaos: sim_config.chaos.clone(),
             event_log: sim_config.event_log.clone(),
             seed: sim_config.seed,
         },

@@ -381,6 +381,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let world = SimWorld {
                 locks: specs,
                 faults: config.faults,
+                chaos: config.chaos,
                 event_log: config.event_log,
                 seed: config.seed,
             };
@@ -401,6 +402,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         Some(list) => list.split(',').map(|a| a.trim().to_string()).collect(),
                         None => (1..=world.locks.len()).map(|i| format!("hci{i}")).collect(),
                     };
+                    if world.chaos.mean_interval_ms > 0 || world.faults != Default::default() {
+                        log::warn!(
+                            "sim: [faults] and [chaos] act on the sim socket only; over BLE they are ignored"
+                        );
+                    }
                     lockbridge::sim::ble::serve_ble(world, &adapters, shutdown_signal()).await?;
                 }
                 log::info!("sim: stopped");

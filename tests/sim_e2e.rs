@@ -235,6 +235,7 @@ async fn serve_with_faults(
     let world = SimWorld {
         locks: specs,
         faults,
+        chaos: Default::default(),
         event_log: config.event_log,
         seed: 1,
     };

@@ -249,3 +249,18 @@ fn lock_that_loses_trusted_time_asks_connected_clients() {
     assert!(asked);
     assert!(!r.p.lock.lock.has_trusted_time());
 }
+
+#[test]
+fn a_rebooting_lock_drops_its_links_forgets_its_clock_and_is_off_the_air_for_a_while() {
+    let mut r = Rig::new(Behaviour::default(), lockbridge::ptls::cert::PERM_ALL);
+    let t = r.p.now;
+    r.p.lock.lock.reboot(t, Duration::from_millis(1_500));
+    r.p.drive(Duration::from_secs(1), |p| p.lock.disconnected.is_some());
+    assert_eq!(r.p.lock.disconnected, Some(3), "reason fault");
+    assert_eq!(r.p.lock.lock.connections(), 0);
+    assert!(!r.p.lock.lock.has_trusted_time());
+    assert_eq!(r.p.lock.lock.state(), LockState::Locked, "the bolt stays");
+    let lock = &mut r.p.lock.lock;
+    assert!(lock.connect(t + Duration::from_millis(1_400), 247).is_err());
+    assert!(lock.connect(t + Duration::from_millis(1_500), 247).is_ok());
+}

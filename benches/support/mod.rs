@@ -146,6 +146,7 @@ impl Rig {
             SimWorld {
                 locks: specs,
                 faults: sim.faults,
+                chaos: Default::default(),
                 event_log: None,
                 seed: 1,
             },

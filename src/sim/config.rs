@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::chaos::ChaosConfig;
 use super::model::{Behaviour, LockSpec};
 use crate::fault::FaultConfig;
 use crate::keys;
@@ -23,8 +24,15 @@ pub struct SimConfig {
     /// Faults applied to every link (values in both directions).
     #[serde(default)]
     pub faults: FaultConfig,
+    /// Faults at random times: loss bursts, disconnects, reboots, lost clocks (sim socket only).
+    #[serde(default, skip_serializing_if = "is_off")]
+    pub chaos: ChaosConfig,
     #[serde(rename = "lock")]
     pub locks: Vec<LockConfig>,
+}
+
+fn is_off(chaos: &ChaosConfig) -> bool {
+    *chaos == ChaosConfig::default()
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -71,6 +79,13 @@ impl SimConfig {
         })?;
         config
             .faults
+            .validate()
+            .map_err(|message| SimConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            })?;
+        config
+            .chaos
             .validate()
             .map_err(|message| SimConfigError::Parse {
                 path: path.to_path_buf(),

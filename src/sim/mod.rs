@@ -3,6 +3,7 @@
 //! ([`config`]), and [`init`] to write a ready world.
 
 pub mod ble;
+pub mod chaos;
 pub mod config;
 pub mod model;
 pub mod serve;
@@ -109,6 +110,7 @@ pub fn init(dir: &Path, locks: usize) -> Result<InitSummary, InitError> {
         event_log: Some(PathBuf::from("events.jsonl")),
         seed: 1,
         faults: Default::default(),
+        chaos: Default::default(),
         locks: Vec::new(),
     };
     let mut summary = InitSummary {

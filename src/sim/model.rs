@@ -140,6 +140,8 @@ pub struct Lock {
     pending_notifications: Vec<(LockState, bool)>,
     force_jam_next: bool,
     trusted: Option<WallClock>,
+    /// A rebooting lock is off the air until then.
+    offline_until: Option<Instant>,
     last_signed_ms: u64,
     registered: bool,
     conns: BTreeMap<ConnId, Conn>,
@@ -178,6 +180,7 @@ impl Lock {
             pending_notifications: Vec::new(),
             force_jam_next: false,
             trusted: b.trusted_time.then_some(wall),
+            offline_until: None,
             last_signed_ms: 0,
             registered: b.registered,
             conns: BTreeMap::new(),
@@ -238,6 +241,21 @@ impl Lock {
         }
     }
 
+    /// Every link drops at once, as when the lock goes out of range.
+    pub fn drop_links(&mut self, reason: u8) {
+        for conn in std::mem::take(&mut self.conns).into_keys() {
+            self.out.push_back(Output::Disconnect { conn, reason });
+        }
+    }
+
+    /// The lock restarts: every link and session is gone, the clock is lost, and it accepts no
+    /// connection until `off_for` has passed. The bolt stays where it is.
+    pub fn reboot(&mut self, now: Instant, off_for: Duration) {
+        self.drop_links(super::wire::DISCONNECT_FAULT);
+        self.trusted = None;
+        self.offline_until = Some(now + off_for);
+    }
+
     /// The lock forgets its clock (as after a battery change) and asks connected clients.
     pub fn lose_trusted_time(&mut self, now: Instant) {
         self.trusted = None;
@@ -255,6 +273,9 @@ impl Lock {
 
     /// A client connects, asking for `att_mtu`. Returns the connection and the negotiated MTU.
     pub fn connect(&mut self, now: Instant, att_mtu: u16) -> Result<(ConnId, u16), Refusal> {
+        if self.offline_until.is_some_and(|t| now < t) {
+            return Err(Refusal::Busy);
+        }
         let b = &self.spec.behaviour;
         if self.conns.len() >= b.max_connections {
             return Err(Refusal::TooManyConnections);

@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::mpsc;
 
+use super::chaos::{Chaos, ChaosConfig, Fault};
 use super::model::{ConnId, Lock, LockSpec, Output, Refusal};
 use super::wire::{self, SimMsg, read_msg, write_msg};
 use crate::fault::{Direction, Fate, FaultConfig, FaultyPipe};
@@ -102,6 +103,7 @@ impl Listener {
 pub struct SimWorld {
     pub locks: Vec<LockSpec>,
     pub faults: FaultConfig,
+    pub chaos: ChaosConfig,
     pub event_log: Option<PathBuf>,
     pub seed: u64,
 }
@@ -124,6 +126,9 @@ struct World {
     by_conn: HashMap<(String, ConnId), u64>,
     faults: FaultConfig,
     event_log: super::EventLog,
+    chaos: Chaos,
+    /// Locks in a loss burst, and until when: every value to and from them is lost.
+    blackout: HashMap<String, Instant>,
 }
 
 /// Serve until `shutdown` completes.
@@ -138,6 +143,7 @@ pub async fn serve(
         unix_ms: crate::authority::unix_ms_now(),
     };
     let event_log = super::EventLog::open(world.event_log.as_deref())?;
+    let chaos = Chaos::new(world.chaos, world.locks.len(), now);
     let locks = world
         .locks
         .into_iter()
@@ -153,6 +159,8 @@ pub async fn serve(
         by_conn: HashMap::new(),
         faults: world.faults,
         event_log,
+        chaos,
+        blackout: HashMap::new(),
     };
     let (inbox_tx, mut inbox) = mpsc::unbounded_channel::<(u64, Incoming)>();
     let mut next_id = 0u64;
@@ -291,6 +299,11 @@ impl World {
                 if with_response {
                     let _ = sock.tx.send(SimMsg::WriteAck { channel });
                 }
+                if let Some((serial, _)) = &sock.binding {
+                    if self.blackout.get(serial).is_some_and(|until| now < *until) {
+                        return;
+                    }
+                }
                 if sock.to_lock.push(now, (channel, value)) == Fate::Disconnect {
                     self.cut(id, wire::DISCONNECT_FAULT);
                 }
@@ -307,6 +320,10 @@ impl World {
 
     /// Do everything due at `now`.
     fn run(&mut self, now: Instant) {
+        while let Some((index, fault)) = self.chaos.poll(now) {
+            self.inflict(now, index, fault);
+        }
+        self.blackout.retain(|_, until| now < *until);
         loop {
             let mut progressed = false;
             for lock in self.locks.values_mut() {
@@ -373,6 +390,9 @@ impl World {
                     let Some(sock) = self.sockets.get_mut(&id) else {
                         continue;
                     };
+                    if self.blackout.get(serial).is_some_and(|until| now < *until) {
+                        continue;
+                    }
                     if sock.to_client.push(now, (channel, bytes)) == Fate::Disconnect {
                         self.cut(id, wire::DISCONNECT_FAULT);
                     }
@@ -391,6 +411,23 @@ impl World {
             }
         }
         progressed
+    }
+
+    /// Carry out one fault of the chaos schedule.
+    fn inflict(&mut self, now: Instant, index: usize, fault: Fault) {
+        let Some(lock) = self.locks.values_mut().nth(index) else {
+            return;
+        };
+        let serial = lock.serial().to_string();
+        log::info!("sim: chaos: {serial}: {}", fault.name());
+        match fault {
+            Fault::LossBurst(d) => {
+                self.blackout.insert(serial, now + d);
+            }
+            Fault::Disconnect => lock.drop_links(wire::DISCONNECT_FAULT),
+            Fault::Reboot(d) => lock.reboot(now, d),
+            Fault::LoseTime => lock.lose_trusted_time(now),
+        }
     }
 
     /// The fault injector cut the link.
@@ -416,7 +453,12 @@ impl World {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let locks = self.locks.values().filter_map(Lock::poll_timeout);
+        let locks = self
+            .locks
+            .values()
+            .filter_map(Lock::poll_timeout)
+            .chain(self.chaos.next_at())
+            .chain(self.blackout.values().copied());
         let pipes = self
             .sockets
             .values()
