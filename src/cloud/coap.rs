@@ -489,6 +489,8 @@ async fn handle(
                 // ClientHellos held back under a flood, and unverified handshakes evicted.
                 "dtls_hellos_held_back": endpoint.stats.held_back.load(Relaxed),
                 "dtls_handshakes_evicted": endpoint.stats.evicted_unverified.load(Relaxed),
+                // Tasks alive in the daemon's runtime: flat over time unless something leaks.
+                "tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
             });
             json_response(response, ResponseType::Content, &body)
         }

@@ -3,6 +3,9 @@
 
 #![allow(dead_code, clippy::unwrap_used)] // each suite uses a different subset
 
+pub mod mqtt;
+pub mod udp_proxy;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -191,8 +194,9 @@ impl World {
                 "--listen",
                 endpoint,
             ])
+            .env("LOCKBRIDGE_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join(format!("sim-{}.log", unique()))).unwrap())
             .spawn()
             .unwrap();
         wait_for(|| socket.exists(), "the simulator socket");
@@ -254,6 +258,20 @@ impl World {
             .filter_map(|e| e.ok())
             .filter(|e| e.file_name().to_string_lossy().starts_with("daemon-"))
             .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect()
+    }
+
+    /// Everything the simulators of this world (over the sim socket) wrote to their logs.
+    pub fn sim_log(&self) -> String {
+        let mut logs: Vec<_> = std::fs::read_dir(&self.dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("sim-"))
+            .map(|e| e.path())
+            .collect();
+        logs.sort();
+        logs.iter()
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
             .collect()
     }
 
