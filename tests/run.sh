@@ -4,6 +4,7 @@
 # Installs what the tests need (system packages with apt-get, Python tools into .venv), then
 # checks formatting and lints, reproduces the independent PTLS vectors, and runs the whole test
 # suite. A missing tool is an error that names the install step; nothing is skipped.
+# `tests/run.sh --install-only` stops after the installs (benches/report uses it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -96,6 +97,15 @@ if [[ ! -x .venv/bin/bluezoo ]]; then
     .venv/bin/pip install -q bluezoo
 fi
 
+# The benchmark report's plots (benches/report; tests/bench_report.rs renders a recorded run).
+if ! .venv/bin/python -c 'import matplotlib' 2>/dev/null; then
+    say "installing matplotlib (the benchmark report's plots)"
+    .venv/bin/pip install -q matplotlib
+fi
+if [[ ${1:-} == --install-only ]]; then
+    exit 0
+fi
+
 # --- checks -------------------------------------------------------------------------------
 say "cargo fmt --check"
 cargo fmt --check
@@ -119,9 +129,9 @@ fi
 passed=$(grep -o '[0-9]* passed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
 failed=$(grep -o '[0-9]* failed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
 
-# Each fuzz target for a bounded time (FUZZ_SECONDS, default 30), from seeds taken from real
+# Each fuzz target for a bounded time (FUZZ_SECONDS, default 20), from seeds taken from real
 # traffic plus every input that once crashed it (fuzz/regressions/); any crash fails the run.
-fuzz_seconds=${FUZZ_SECONDS:-30}
+fuzz_seconds=${FUZZ_SECONDS:-20}
 say "fuzzing: each target for ${fuzz_seconds} s"
 cargo run --quiet --example fuzz_seeds -- fuzz/corpus
 (cd fuzz && cargo fuzz build --sanitizer none --debug-assertions)
