@@ -55,6 +55,8 @@ impl Connector for SimConnector {
 /// A command for this session's lock.
 pub struct Job {
     pub command: Command,
+    /// A read already asked once on a session that lost its answer.
+    pub retried: bool,
 }
 
 /// Everything a session needs, given by the supervisor.
@@ -689,7 +691,7 @@ impl<C: Connector> Session<C> {
     }
 
     /// Run one command to its outcome. `Err` means the link is gone.
-    async fn execute(&mut self, driver: &mut Driver<C::Link>, job: Job) -> Result<(), String> {
+    async fn execute(&mut self, driver: &mut Driver<C::Link>, mut job: Job) -> Result<(), String> {
         let cmd = job.command.clone();
         if now() >= cmd.deadline {
             self.finish(&job, Outcome::Expired);
@@ -760,9 +762,17 @@ impl<C: Connector> Session<C> {
                     Err("no answer to GET_STATE after an unanswered command".into())
                 }
             }
-            Answer::Unanswered(_) => {
-                self.finish(&job, Outcome::failed("unreachable"));
-                Ok(())
+            Answer::Unanswered(reason) => {
+                // A read changes nothing, so it is asked once more, on a fresh session: records
+                // are never retransmitted, so the session that lost one is out of step with
+                // the lock, and the next command on it would fail too.
+                if job.retried {
+                    self.finish(&job, Outcome::failed("unreachable"));
+                } else {
+                    job.retried = true;
+                    self.pending.push_front(job);
+                }
+                Err(reason)
             }
             Answer::NotDelivered(reason) => {
                 self.finish(&job, Outcome::failed("unreachable"));

@@ -239,6 +239,7 @@ impl Supervisor {
         let queue = queue.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Err(e) = queue.try_send(Job {
             command: cmd.clone(),
+            retried: false,
         }) {
             let reason = match e {
                 mpsc::error::TrySendError::Full(_) => "busy",

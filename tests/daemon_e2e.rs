@@ -339,3 +339,46 @@ async fn a_refused_certificate_is_refreshed_once_then_reported_invalid_cert() {
     assert_eq!(outcome(&reports), &Outcome::failed("invalid-cert"));
     assert!(w.actuations().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_whose_answer_is_lost_is_asked_again_on_a_fresh_session() {
+    // 5 % of values lost each way: some reads lose their request or answer. A lost record
+    // leaves the session out of step with the lock, so the read is asked once more on a new
+    // session — it never fails fast on the broken one.
+    let w = World::new(1, |sim| {
+        set_faults(
+            sim,
+            &[
+                ("loss", toml::Value::Float(0.05)),
+                ("seed", toml::Value::Integer(11)),
+            ],
+        );
+    });
+    let _sim = w.sim();
+    let _daemon = w.daemon_with_env(&[("LOCKBRIDGE_COMMANDS__RESPONSE_TIMEOUT_S", "1")]);
+    let (mut ok, mut retried, mut failed) = (0, 0, Vec::new());
+    for _ in 0..60 {
+        let t = Instant::now();
+        let reports = w.command("lock-1", Action::Read, None, Some(30)).await;
+        let took = t.elapsed();
+        match outcome(&reports) {
+            Outcome::Success { .. } => {
+                ok += 1;
+                retried += usize::from(took >= Duration::from_secs(1));
+            }
+            other => failed.push((other.clone(), took)),
+        }
+    }
+    println!("60 reads at 5 % loss: {ok} ok ({retried} after a lost answer), failed {failed:?}");
+    assert!(
+        retried > 0,
+        "no read lost anything: the test proves nothing"
+    );
+    for (o, took) in &failed {
+        assert!(
+            *took >= Duration::from_secs(2),
+            "{o:?} after {took:?}: failed without asking again"
+        );
+    }
+    assert!(ok >= 54, "{ok} of 60 reads succeeded");
+}
