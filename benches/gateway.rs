@@ -29,6 +29,7 @@ use lockbridge::supervisor::Request;
 use support::{Rig, demo_world, ms, percentile, rss_kib, runtime, sim_and_daemon};
 
 const INTERVAL_MS: u64 = 30;
+const LOSS_LEVELS: [f64; 4] = [0.0, 0.01, 0.02, 0.05];
 
 /// A warm read through the supervisor: submit → outcome.
 async fn read(rig: &Rig, lock: &str) -> Duration {
@@ -49,6 +50,77 @@ async fn read(rig: &Rig, lock: &str) -> Duration {
         }
     }
     panic!("no outcome")
+}
+
+/// Any read: submit → outcome, and the outcome.
+async fn read_any(rig: &Rig, lock: &str) -> (Duration, Outcome) {
+    let t = Instant::now();
+    let mut rx = rig.sup().submit(Request {
+        id: None,
+        lock: lock.into(),
+        action: Action::Read,
+        mode: Mode::Normal,
+        ttl: Some(Duration::from_secs(60)),
+        origin: "cli".into(),
+        source: None,
+    });
+    while let Some(r) = rx.recv().await {
+        if let Some(o) = r.outcome() {
+            return (t.elapsed(), o.clone());
+        }
+    }
+    panic!("no outcome")
+}
+
+/// Warm reads at a random phase on the BLE model with `loss` on the link: latencies of the
+/// successful ones, and the outcomes (with their times) of the others.
+async fn reads_under_loss(loss: f64, n: usize) -> (Vec<Duration>, Vec<(Duration, Outcome)>) {
+    let rig = Rig::with_loss(
+        INTERVAL_MS,
+        loss,
+        None,
+        |t| t.replace("link = \"on-demand\"", "link = \"persistent\""),
+        |_| {},
+    )
+    .await;
+    rig.wait("lock-1", |v| v.state.is_some()).await;
+    let (mut ok, mut failed) = (Vec::new(), Vec::new());
+    let mut phase = Phase::default();
+    for _ in 0..n {
+        tokio::time::sleep(phase.next()).await;
+        match read_any(&rig, "lock-1").await {
+            (d, Outcome::Success { .. }) => ok.push(d),
+            other => failed.push(other),
+        }
+    }
+    rig.stop().await;
+    ok.sort();
+    (ok, failed)
+}
+
+/// A random phase against the connection events: a wait of up to one interval (xorshift).
+struct Phase(u64);
+
+impl Default for Phase {
+    fn default() -> Self {
+        Phase(0x9E37_79B9_7F4A_7C15)
+    }
+}
+
+impl Phase {
+    fn next(&mut self) -> Duration {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        Duration::from_micros(self.0 % (INTERVAL_MS * 1000))
+    }
+}
+
+/// Milliseconds with microsecond resolution, for the report's plots.
+fn samples_ms(v: &[Duration]) -> Vec<f64> {
+    v.iter()
+        .map(|d| (ms(*d) * 1000.0).round() / 1000.0)
+        .collect()
 }
 
 /// RSS of a real `lockbridge run` process holding 32 persistent sessions.
@@ -118,13 +190,9 @@ fn main() {
         .await;
         rig.wait("lock-1", |v| v.status == LinkStatus::Connected && v.state.is_some()).await;
         let mut warm = Vec::new();
-        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut phase = Phase::default();
         for _ in 0..100 {
-            // A random phase against the connection events.
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            tokio::time::sleep(Duration::from_micros(seed % (INTERVAL_MS * 1000))).await;
+            tokio::time::sleep(phase.next()).await;
             warm.push(read(&rig, "lock-1").await);
         }
         let mut cold = Vec::new();
@@ -143,7 +211,14 @@ fn main() {
         let warm_ratio = in_intervals(mean(&warm)) / warm_model;
         let cold_ratio = in_intervals(mean(&cold)) / cold_model;
 
-        // 3. Memory.
+        // 3. Warm reads under link loss (BLE model): a lost value costs a response timeout and
+        // a new session.
+        let mut lossy = Vec::new();
+        for loss in LOSS_LEVELS {
+            lossy.push((loss, reads_under_loss(loss, 60).await));
+        }
+
+        // 4. Memory.
         let (rss, hwm) = rss_with_32_locks().await;
 
         println!("Gateway benchmark");
@@ -157,6 +232,20 @@ fn main() {
         println!("| warm / model | {warm_ratio:.3} | ≤ 1.2 |");
         println!("| cold read (handshake + command), BLE 30 ms, mean (15) | {:.2} intervals ({:.1} ms) | model 8 |", in_intervals(mean(&cold)), ms(mean(&cold)));
         println!("| cold / model | {cold_ratio:.3} | ≤ 1.2 |");
+        for (loss, (ok, failed)) in &lossy {
+            println!(
+                "| warm read, BLE 30 ms, {:.0} % loss each way: p50 / p90 / max (60 reads) | {:.1} / {:.1} / {:.1} ms; not successful: {} | |",
+                loss * 100.0,
+                ms(percentile(ok, 0.5)),
+                ms(percentile(ok, 0.9)),
+                ms(*ok.last().unwrap()),
+                failed
+                    .iter()
+                    .map(|(d, o)| format!("{} after {:.0} ms", serde_json::to_string(o).unwrap(), ms(*d)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         println!("| daemon RSS with 32 persistent sessions | {:.1} MiB (peak {:.1}) | ≤ 20 MiB |", rss as f64 / 1024.0, hwm as f64 / 1024.0);
         println!();
         println!(
@@ -172,6 +261,17 @@ fn main() {
                 "cold_ratio": cold_ratio,
                 "rss_32_locks_kib": rss,
                 "rss_peak_32_locks_kib": hwm,
+                "zero_delay_read_ms": samples_ms(&zero),
+                "warm_read_ms": samples_ms(&warm),
+                "cold_read_ms": samples_ms(&cold),
+                "loss": lossy.iter().map(|(loss, (ok, failed))| serde_json::json!({
+                    "loss": loss,
+                    "read_ms": samples_ms(ok),
+                    "not_successful": failed.iter().map(|(d, o)| serde_json::json!({
+                        "ms": ms(*d),
+                        "outcome": o,
+                    })).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
             })
         );
         let ok = ms(percentile(&zero, 0.99)) <= 1.0 && warm_ratio <= 1.2 && cold_ratio <= 1.2 && rss <= 20 * 1024;

@@ -127,6 +127,17 @@ impl Rig {
         config: impl FnOnce(String) -> String,
         locks: impl FnOnce(&mut [LockSpec]),
     ) -> Rig {
+        Rig::with_loss(interval_ms, 0.0, mqtt, config, locks).await
+    }
+
+    /// [`Rig::new`] with `loss` of the values on every sim link, each way.
+    pub async fn with_loss(
+        interval_ms: u64,
+        loss: f64,
+        mqtt: Option<&str>,
+        config: impl FnOnce(String) -> String,
+        locks: impl FnOnce(&mut [LockSpec]),
+    ) -> Rig {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("w");
         let broker = mqtt.map(|addr| lockbridge::demo::DemoBroker {
@@ -136,7 +147,8 @@ impl Rig {
         let summary = lockbridge::demo::setup(&dir, 2, interval_ms, broker.as_ref()).unwrap();
         let text = std::fs::read_to_string(&summary.daemon_config).unwrap();
         std::fs::write(&summary.daemon_config, config(text)).unwrap();
-        let (sim, mut specs) = SimConfig::load(&summary.world.sim_config).unwrap();
+        let (mut sim, mut specs) = SimConfig::load(&summary.world.sim_config).unwrap();
+        sim.faults.loss = loss;
         locks(&mut specs);
         let listener = Listener::bind(&summary.sim_endpoint.parse().unwrap())
             .await
