@@ -136,6 +136,10 @@ async fn dtls_client(n: u64, proxy: SocketAddr, end: Instant, ledger: Ledger) ->
                             {
                                 break c;
                             }
+                            assert!(
+                                asked.elapsed() < Duration::from_secs(120),
+                                "{id}: no DTLS session in two minutes"
+                            );
                         };
                         sessions += 1;
                         ledger.lock().unwrap()[index].last_sent_ms = unix_ms();
@@ -244,9 +248,48 @@ async fn gateway_status(addr: SocketAddr) -> Option<Value> {
     serde_json::from_slice(&answer.ok()?.1).ok()
 }
 
-/// `/gateway` with the fewest live tasks of five, a second apart: the chaos schedule keeps
-/// running, so a single reading may catch a reconnect's short-lived task.
-async fn quiet_tasks(addr: SocketAddr) -> Value {
+/// Turn the simulator's chaos schedule on or off in its world file (read when it starts).
+fn set_chaos(world: &World, on: bool) {
+    let path = world.summary["sim_config"].as_str().unwrap();
+    let mut sim: toml::Table = std::fs::read_to_string(path).unwrap().parse().unwrap();
+    if on {
+        sim.insert(
+            "chaos".into(),
+            toml::toml! {
+                mean_interval_ms = 1_500
+                loss_burst_ms = 2_000
+                reboot_ms = 1_500
+                seed = 2026
+            }
+            .into(),
+        );
+    } else {
+        sim.remove("chaos");
+    }
+    std::fs::write(path, toml::to_string(&sim).unwrap()).unwrap();
+}
+
+/// `/gateway` once the daemon is quiet — every lock reached, the persistent ones connected,
+/// the on-demand ones idle, no DTLS peer but the query's own — with the fewest live tasks of
+/// five readings a second apart.
+async fn quiet_tasks(world: &World, addr: SocketAddr) -> Value {
+    let t = Instant::now();
+    loop {
+        let locks = world.locks().await;
+        let settled = locks.iter().all(|l| {
+            let persistent = l["link"] == "persistent";
+            !l["state"].is_null() && l["status"] == if persistent { "connected" } else { "idle" }
+        });
+        let peers = gateway_status(addr).await.unwrap()["dtls_peers"].as_u64();
+        if settled && peers <= Some(1) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "never quiet: {peers:?} DTLS peers, locks {locks:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let mut fewest: Option<Value> = None;
     for _ in 0..5 {
         let status = gateway_status(addr).await.unwrap();
@@ -350,18 +393,7 @@ async fn the_gateway_keeps_its_promises_under_every_fault_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let mut broker = Broker::start(dir.path());
     let watch = Watch::start(&broker, dir.path(), "soak");
-    let world = World::new(LOCKS as usize, |sim| {
-        sim.insert(
-            "chaos".into(),
-            toml::toml! {
-                mean_interval_ms = 1_500
-                loss_burst_ms = 2_000
-                reboot_ms = 1_500
-                seed = 2026
-            }
-            .into(),
-        );
-    });
+    let world = World::new(LOCKS as usize, |_| {});
     let serials: Vec<String> = world.summary["locks"]
         .as_array()
         .unwrap()
@@ -371,9 +403,16 @@ async fn the_gateway_keeps_its_promises_under_every_fault_at_once() {
     // Peers whose close_notify was lost go after 10 s idle (default 300), so that the end
     // of the soak can see the daemon quiet again.
     let port = world.serve_coap("idle_timeout_s = 10");
+    // Half the locks keep their link, the others connect on demand and drop it after 3 s;
+    // twelve connection slots: the eight persistent links and four for the rest to share.
     world.edit_daemon_config(|t| {
         format!(
-            "{t}\n[mqtt]\nbroker = \"{}\"\nreconnect_min_ms = 200\nreconnect_max_s = 2\n",
+            "{}\n[mqtt]\nbroker = \"{}\"\nreconnect_min_ms = 200\nreconnect_max_s = 2\n",
+            t.replace(
+                "link = \"on-demand\"",
+                "link = \"on-demand\"\nidle_disconnect_s = 3"
+            )
+            .replace("max_connections = 3", "max_connections = 12"),
             broker.addr()
         )
     });
@@ -381,17 +420,13 @@ async fn the_gateway_keeps_its_promises_under_every_fault_at_once() {
     let mut sim = world.sim();
     let mut daemon = world.daemon();
     let pid = daemon.0.id();
-    // Every lock reached once (some keep their link, the others connect on demand).
-    let t = Instant::now();
-    while !world.locks().await.iter().all(|l| !l["state"].is_null()) {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "{:?}",
-            world.locks().await
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let quiet_before = quiet_tasks(direct).await;
+    // Quiet, before any fault: the daemon's live tasks to compare with the end.
+    let quiet_before = quiet_tasks(&world, direct).await;
+    // Now the chaos schedule: the simulator restarts with it.
+    set_chaos(&world, true);
+    sim.signal("-9");
+    sim.wait_exit(Duration::from_secs(5));
+    sim = world.sim();
     let proxy = Proxy::start(
         direct,
         Faults {
@@ -511,14 +546,12 @@ async fn the_gateway_keeps_its_promises_under_every_fault_at_once() {
             }
         }
     }
-    // Quiet again: only the status query's own DTLS peer left.
-    let t = Instant::now();
-    while gateway_status(direct).await.unwrap()["dtls_peers"].as_u64() > Some(1)
-        && t.elapsed() < Duration::from_secs(30)
-    {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    let quiet_after = quiet_tasks(direct).await;
+    // Quiet again: the simulator without chaos, every client gone.
+    set_chaos(&world, false);
+    sim.signal("-9");
+    sim.wait_exit(Duration::from_secs(5));
+    sim = world.sim();
+    let quiet_after = quiet_tasks(&world, direct).await;
     let seen = mqtt_outcomes(&watch);
     let mut issued = ledger.lock().unwrap().clone();
     for c in issued.iter_mut().filter(|c| c.id.starts_with("mqtt-")) {
