@@ -28,6 +28,10 @@ pub enum KeyError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "{path}: not found; create it with `lockbridge keys init --out {path}` as the user that reads it"
+    )]
+    NotFound { path: PathBuf },
     #[error("{path}: not a PEM PKCS#8 P-256 private key")]
     NotAKey { path: PathBuf },
     #[error("public key: {0}")]
@@ -79,7 +83,12 @@ pub fn generate(path: &Path) -> Result<SigningKey, KeyError> {
 
 /// Load a key file, refusing one that group or others can read.
 pub fn load(path: &Path) -> Result<SigningKey, KeyError> {
-    let meta = fs::metadata(path).map_err(io_err(path))?;
+    let meta = fs::metadata(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => KeyError::NotFound {
+            path: path.to_path_buf(),
+        },
+        _ => io_err(path)(source),
+    })?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(KeyError::TooOpen {

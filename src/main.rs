@@ -262,16 +262,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn checked_config(path: &std::path::Path) -> anyhow::Result<lockbridge::config::Config> {
     let config = lockbridge::config::Config::load(path)?;
     let key_path = config.key_path();
-    keys::load(&key_path).map_err(|e| match e {
-        keys::KeyError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-            anyhow::anyhow!(
-                "gateway key {0}: not found; create it with `lockbridge keys init --out {0}` as \
-                 the service user",
-                key_path.display()
-            )
-        }
-        e => anyhow::anyhow!("gateway key: {e}"),
-    })?;
+    keys::load(&key_path).map_err(|e| anyhow::anyhow!("gateway key {e}"))?;
     Ok(config)
 }
 
