@@ -31,25 +31,11 @@ use support::{Rig, demo_world, ms, percentile, rss_kib, runtime, sim_and_daemon}
 const INTERVAL_MS: u64 = 30;
 const LOSS_LEVELS: [f64; 4] = [0.0, 0.01, 0.02, 0.05];
 
-/// A warm read through the supervisor: submit → outcome.
+/// A warm read through the supervisor that must succeed: submit → outcome.
 async fn read(rig: &Rig, lock: &str) -> Duration {
-    let t = Instant::now();
-    let mut rx = rig.sup().submit(Request {
-        id: None,
-        lock: lock.into(),
-        action: Action::Read,
-        mode: Mode::Normal,
-        ttl: Some(Duration::from_secs(60)),
-        origin: "cli".into(),
-        source: None,
-    });
-    while let Some(r) = rx.recv().await {
-        if let Some(o) = r.outcome() {
-            assert!(matches!(o, Outcome::Success { .. }), "{o:?}");
-            return t.elapsed();
-        }
-    }
-    panic!("no outcome")
+    let (took, o) = read_any(rig, lock).await;
+    assert!(matches!(o, Outcome::Success { .. }), "{o:?}");
+    took
 }
 
 /// Any read: submit → outcome, and the outcome.

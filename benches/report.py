@@ -123,6 +123,12 @@ def failures(g: dict) -> str:
     return "; ".join(parts) if parts else "none"
 
 
+def save(fig, path: Path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_warm_cold(g: dict, path: Path):
     interval = g["ble_interval_ms"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -141,9 +147,7 @@ def plot_warm_cold(g: dict, path: Path):
     right.set_xlabel("read latency, ms")
     right.set_ylabel("reads")
     right.set_title(f"zero-delay link: the gateway itself ({len(xs)} warm reads)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_loss(g: dict, path: Path):
@@ -161,9 +165,7 @@ def plot_loss(g: dict, path: Path):
     ax.set_xlabel("values lost on the BLE link, each way")
     ax.set_ylabel("warm read latency, ms (log)")
     ax.set_title(f"latency under loss, BLE model {g['ble_interval_ms']} ms (each dot a read)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_handshakes(c: dict, path: Path):
@@ -182,9 +184,7 @@ def plot_handshakes(c: dict, path: Path):
     ax.set_ylabel("DTLS handshakes per second")
     ax.set_title("DTLS 1.2 handshakes/s, same load generator, same run")
     ax.tick_params(axis="x", labelsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def limits(d: dict) -> str:
