@@ -153,7 +153,7 @@ pub enum Outcome {
         battery: Option<u8>,
     },
     /// `reason`: a lock result (`busy`, `no-permission`, …), `unreachable`, `not-registered`,
-    /// `invalid-cert`, `queue-full`, `shutting-down`.
+    /// `invalid-cert`, `unknown-lock`, `busy` (the lock's queue here is full), `shutting-down`.
     Failed { reason: String },
     /// Not allowed for this origin, or the command was retained/stale by policy.
     Denied { reason: String },

@@ -8,8 +8,8 @@
 //!
 //! - every command has exactly one terminal outcome (asking again with its id gives the same);
 //! - every actuation belongs to a distinct command that could have reached the lock, on the same
-//!   lock with the same action, before that command's deadline; every command that the lock
-//!   answered (success, or a lock result such as busy) has its actuation;
+//!   lock with the same action, before that command's deadline; every command that succeeded
+//!   has its actuation;
 //! - the daemon's RSS grows less than 5 % from the first to the last quarter, its task count
 //!   stays flat, and it ran the whole time as one process.
 //!
@@ -330,18 +330,23 @@ fn match_actuations(
         let status = c.outcomes[0]["status"].as_str().unwrap_or_default();
         match status {
             "success" | "ambiguous" => true,
+            // The gateway's own reasons for never sending it; anything else is the lock's
+            // result ("busy" may be either: a full queue says it too).
             "failed" => !matches!(
                 c.outcomes[0]["reason"].as_str().unwrap_or_default(),
-                "unreachable" | "queue-full" | "shutting-down" | "not-registered" | "invalid-cert"
+                "unreachable"
+                    | "shutting-down"
+                    | "not-registered"
+                    | "invalid-cert"
+                    | "unknown-lock"
+                    | "internal-error"
+                    | "state-store-unwritable"
             ),
             _ => false,
         }
     };
-    // The lock answered these, so each must have exactly its one actuation.
-    let must_have_reached = |c: &Issued| {
-        let status = c.outcomes[0]["status"].as_str().unwrap_or_default();
-        status == "success" || (status == "failed" && may_have_reached(c))
-    };
+    // The lock accepted these, so each must have exactly its one actuation.
+    let must_have_reached = |c: &Issued| c.outcomes[0]["status"] == "success";
     let mut used = vec![false; issued.len()];
     let mut acts: Vec<&Value> = actuations.iter().collect();
     acts.sort_by_key(|a| a["t_ms"].as_u64());
@@ -371,7 +376,7 @@ fn match_actuations(
     for (i, c) in issued.iter().enumerate() {
         if !c.outcomes.is_empty() && must_have_reached(c) && !used[i] {
             problems.push(format!(
-                "{} ({} {}) was answered by the lock but never actuated it: {}",
+                "{} ({} {}) succeeded but never actuated the lock: {}",
                 c.id, c.action, c.lock, c.outcomes[0]
             ));
         }
