@@ -17,8 +17,9 @@
 //! - [`fault`] — the seeded link fault model (loss, duplication, reordering, delay, BLE
 //!   connection events, cut after frame N) shared by the pair harness and the simulator.
 //! - [`sim`] — the lock simulator: [`sim::model::Lock`] behind one `ptls::Server` per
-//!   connection; [`sim::serve`] serves a world over the sim socket ([`sim::wire`]) and
-//!   [`sim::ble`] as BLE peripherals through BlueZ.
+//!   connection; [`sim::serve`] serves a world over the sim socket ([`sim::wire`]), with
+//!   [`sim::chaos`]'s seeded faults on single locks (loss bursts, disconnects, reboots, lost
+//!   clocks), and [`sim::ble`] as BLE peripherals through BlueZ.
 //! - [`link`] — byte pipes to a lock: the [`link::Link`] trait, [`link::sim::SimLink`] and
 //!   [`link::ble::BleLink`] (BlueZ through `bluer`, opened by [`link::ble::BleConnector`]).
 //! - [`driver`] — runs one `ptls::Client` over one `Link` on the tokio clock.

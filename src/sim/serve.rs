@@ -127,8 +127,13 @@ struct World {
     faults: FaultConfig,
     event_log: super::EventLog,
     chaos: Chaos,
-    /// Locks in a loss burst, and until when: every value to and from them is lost.
+    /// Locks in a loss burst, and until when: every value to and from them is lost. An entry
+    /// that has passed is harmless and is replaced by the lock's next burst.
     blackout: HashMap<String, Instant>,
+}
+
+fn in_blackout(blackout: &HashMap<String, Instant>, serial: &str, now: Instant) -> bool {
+    blackout.get(serial).is_some_and(|until| now < *until)
 }
 
 /// Serve until `shutdown` completes.
@@ -299,10 +304,12 @@ impl World {
                 if with_response {
                     let _ = sock.tx.send(SimMsg::WriteAck { channel });
                 }
-                if let Some((serial, _)) = &sock.binding {
-                    if self.blackout.get(serial).is_some_and(|until| now < *until) {
-                        return;
-                    }
+                if sock
+                    .binding
+                    .as_ref()
+                    .is_some_and(|(serial, _)| in_blackout(&self.blackout, serial, now))
+                {
+                    return;
                 }
                 if sock.to_lock.push(now, (channel, value)) == Fate::Disconnect {
                     self.cut(id, wire::DISCONNECT_FAULT);
@@ -323,7 +330,6 @@ impl World {
         while let Some((index, fault)) = self.chaos.poll(now) {
             self.inflict(now, index, fault);
         }
-        self.blackout.retain(|_, until| now < *until);
         loop {
             let mut progressed = false;
             for lock in self.locks.values_mut() {
@@ -390,7 +396,7 @@ impl World {
                     let Some(sock) = self.sockets.get_mut(&id) else {
                         continue;
                     };
-                    if self.blackout.get(serial).is_some_and(|until| now < *until) {
+                    if in_blackout(&self.blackout, serial, now) {
                         continue;
                     }
                     if sock.to_client.push(now, (channel, bytes)) == Fate::Disconnect {
@@ -457,8 +463,7 @@ impl World {
             .locks
             .values()
             .filter_map(Lock::poll_timeout)
-            .chain(self.chaos.next_at())
-            .chain(self.blackout.values().copied());
+            .chain(self.chaos.next_at());
         let pipes = self
             .sockets
             .values()
