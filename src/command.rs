@@ -4,7 +4,7 @@
 //! and gets exactly one terminal [`Outcome`], after the progress steps `accepted` and `sent`.
 
 use std::fmt;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -109,6 +109,37 @@ impl std::str::FromStr for Mode {
     }
 }
 
+/// The reason of a request refused before it became a command.
+pub const BAD_REQUEST: &str = "bad-request";
+/// The reason of a repeated id that names another command.
+pub const ID_CONFLICT: &str = "id-conflict";
+
+/// Longest command id, in bytes, on every surface: ids are kept for a day, so a client cannot
+/// fill the store with huge keys.
+pub const MAX_ID_BYTES: usize = 64;
+
+/// Longest time to live a command may ask for. A command is never sent after its deadline,
+/// and a door that opens an hour after it was asked to is not what anybody meant.
+pub const MAX_TTL: Duration = Duration::from_secs(3600);
+
+/// Check a client's command id: 1 to [`MAX_ID_BYTES`] bytes, no control characters.
+pub fn check_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_ID_BYTES || id.chars().any(char::is_control) {
+        return Err(format!(
+            "id: 1 to {MAX_ID_BYTES} bytes without control characters"
+        ));
+    }
+    Ok(())
+}
+
+/// A time to live in whole seconds from a client: 1 s to [`MAX_TTL`].
+pub fn ttl_from_secs(secs: u64) -> Result<Duration, String> {
+    if secs == 0 || secs > MAX_TTL.as_secs() {
+        return Err(format!("ttl_s: 1 to {} seconds", MAX_TTL.as_secs()));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
 /// One command on its way to a lock.
 #[derive(Clone, Debug)]
 pub struct Command {
@@ -152,9 +183,18 @@ pub enum Outcome {
         #[serde(skip_serializing_if = "Option::is_none")]
         battery: Option<u8>,
     },
-    /// `reason`: a lock result (`busy`, `no-permission`, …), `unreachable`, `not-registered`,
-    /// `invalid-cert`, `unknown-lock`, `busy` (the lock's queue here is full), `shutting-down`.
-    Failed { reason: String },
+    /// `reason`: a lock result (`busy`, `no-permission`, …), `jammed` (the bolt stopped part
+    /// way; `state` says where), `unreachable`, `not-registered`, `invalid-cert`,
+    /// `unknown-lock`, `busy` (the lock's queue here is full), `shutting-down`, `bad-request`
+    /// (`detail` says what is wrong), `id-conflict` (the id names another command),
+    /// `state-store` (its record could not be written, so it was not sent).
+    Failed {
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        state: Option<StateReading>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+    },
     /// Not allowed for this origin, or the command was retained/stale by policy.
     Denied { reason: String },
     /// The deadline passed before it was sent; it was never sent.
@@ -171,6 +211,36 @@ impl Outcome {
     pub fn failed(reason: impl Into<String>) -> Outcome {
         Outcome::Failed {
             reason: reason.into(),
+            state: None,
+            detail: None,
+        }
+    }
+
+    /// `failed: bad-request`, saying what is wrong with the request.
+    pub fn bad_request(detail: impl Into<String>) -> Outcome {
+        Outcome::Failed {
+            reason: BAD_REQUEST.into(),
+            state: None,
+            detail: Some(detail.into()),
+        }
+    }
+
+    /// `failed: id-conflict`: the id already names another command of this origin.
+    pub fn id_conflict(first: &str) -> Outcome {
+        Outcome::Failed {
+            reason: ID_CONFLICT.into(),
+            state: None,
+            detail: Some(format!(
+                "this id already names {first}; use a new id for a new command"
+            )),
+        }
+    }
+
+    /// The `reason` of a `failed` outcome.
+    pub fn failure(&self) -> Option<&str> {
+        match self {
+            Outcome::Failed { reason, .. } => Some(reason),
+            _ => None,
         }
     }
 
@@ -205,7 +275,8 @@ pub struct Report {
     pub action: Action,
     #[serde(flatten)]
     pub step: Step,
-    /// Set when this outcome was remembered from an earlier command with the same id.
+    /// Set when this command repeats an earlier one with the same id and origin: the steps and
+    /// outcome are that command's, and nothing was sent again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub repeated: bool,
 }

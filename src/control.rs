@@ -44,12 +44,26 @@ pub enum Request {
 
 pub const ORIGIN: &str = "cli";
 
-/// Bind the socket (replacing a stale one), mode 0660.
+/// Longest request line; a longer one is answered with an error and skipped.
+pub const MAX_LINE: usize = 4096;
+
+/// Bind the socket (replacing a stale one), mode 0660. Anything at the path that is not a
+/// socket is refused, never deleted.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a socket; move it away or set control.socket to another path",
+                    path.display()
+                ),
+            ));
+        }
         // A live daemon answers; a stale socket file from a crash does not.
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(std::io::Error::new(
@@ -86,11 +100,51 @@ pub async fn serve(listener: UnixListener, supervisor: Arc<Supervisor>) {
     }
 }
 
+/// Read one line of at most [`MAX_LINE`] bytes: `Ok(None)` at the end, `Err(n)` for a longer
+/// line (its `n` bytes are skipped up to the next newline).
+async fn read_line<R: AsyncBufReadExt + Unpin>(
+    rd: &mut R,
+    line: &mut Vec<u8>,
+) -> std::io::Result<Option<Result<(), usize>>> {
+    line.clear();
+    let mut skipped = 0usize;
+    loop {
+        let buf = rd.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok((!line.is_empty() || skipped > 0)
+                .then_some(if skipped > 0 { Err(skipped) } else { Ok(()) }));
+        }
+        let (chunk, newline) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (&buf[..i], Some(i)),
+            None => (buf, None),
+        };
+        if skipped == 0 && line.len() + chunk.len() <= MAX_LINE {
+            line.extend_from_slice(chunk);
+        } else {
+            skipped += line.len() + chunk.len();
+            line.clear();
+        }
+        let used = newline.map_or(chunk.len(), |i| i + 1);
+        rd.consume(used);
+        if newline.is_some() {
+            return Ok(Some(if skipped > 0 { Err(skipped) } else { Ok(()) }));
+        }
+    }
+}
+
 async fn handle(stream: UnixStream, supervisor: Arc<Supervisor>) -> std::io::Result<()> {
     let (rd, mut wr) = stream.into_split();
-    let mut lines = BufReader::new(rd).lines();
-    while let Some(line) = lines.next_line().await? {
-        let request: Request = match serde_json::from_str(&line) {
+    let mut rd = BufReader::new(rd);
+    let mut line = Vec::new();
+    while let Some(read) = read_line(&mut rd, &mut line).await? {
+        if let Err(n) = read {
+            let msg = serde_json::json!({
+                "error": format!("bad request: a line of {n} bytes; requests are at most {MAX_LINE} bytes")
+            });
+            wr.write_all(format!("{msg}\n").as_bytes()).await?;
+            continue;
+        }
+        let request: Request = match serde_json::from_slice(&line) {
             Ok(r) => r,
             Err(e) => {
                 let msg = serde_json::json!({"error": format!("bad request: {e}")});
@@ -137,12 +191,28 @@ async fn handle(stream: UnixStream, supervisor: Arc<Supervisor>) -> std::io::Res
                 id,
                 ttl_s,
             } => {
+                let ttl = match ttl_s.map(crate::command::ttl_from_secs).transpose() {
+                    Ok(ttl) => ttl,
+                    Err(e) => {
+                        let report = Report {
+                            id: id.unwrap_or_else(|| "-".into()),
+                            lock,
+                            action,
+                            step: crate::command::Step::Done {
+                                outcome: crate::command::Outcome::bad_request(e),
+                            },
+                            repeated: false,
+                        };
+                        write_json(&mut wr, &report).await?;
+                        continue;
+                    }
+                };
                 let mut rx = supervisor.submit(CommandRequest {
                     id,
                     lock,
                     action,
                     mode,
-                    ttl: ttl_s.map(Duration::from_secs),
+                    ttl,
                     origin: ORIGIN.into(),
                     source: None,
                 });

@@ -708,8 +708,16 @@ impl<C: Connector> Session<C> {
         }
         if cmd.action.is_actuating() {
             if let Err(e) = self.p.ledger.sent(&cmd) {
-                log::error!(LOCK_ID = self.id(); "lock {}: {e}", self.id());
-                self.finish(&job, Outcome::failed("state-store-unwritable"));
+                // Not sent: without its record, a repeat after a restart could send it again.
+                log::error!(LOCK_ID = self.id(); "lock {}: {e}; command {} not sent", self.id(), cmd.id);
+                self.finish(
+                    &job,
+                    Outcome::Failed {
+                        reason: "state-store".into(),
+                        state: None,
+                        detail: Some(format!("{e}; free space in the state directory")),
+                    },
+                );
                 return Ok(());
             }
         } else {
@@ -727,10 +735,17 @@ impl<C: Connector> Session<C> {
         match self.await_response(driver, cmd.action.opcode()).await {
             Answer::Response(r) if r.result == result::SUCCESS => {
                 let outcome = if cmd.action.is_actuating() {
-                    let state = self.await_stable(driver).await;
-                    Outcome::Success {
-                        state,
-                        battery: None,
+                    match self.await_stable(driver).await {
+                        // The lock took the command but the bolt stopped part way.
+                        Some(state) if state.jammed => Outcome::Failed {
+                            reason: "jammed".into(),
+                            state: Some(state),
+                            detail: None,
+                        },
+                        state => Outcome::Success {
+                            state,
+                            battery: None,
+                        },
                     }
                 } else {
                     let state = match r.data.as_slice() {

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::authority::unix_ms_now;
-use crate::command::{Action, Command, Mode, Outcome, Report, Step};
+use crate::command::{Action, Command, MAX_TTL, Mode, Outcome, Report, Step, check_id};
 use crate::config::Config;
 use crate::credentials::CredentialProvider;
 use crate::driver::now;
@@ -172,7 +172,8 @@ impl Supervisor {
             .unwrap_or_else(unix_ms_now)
     }
 
-    /// Submit a command; the receiver gets `accepted`, `sent` and exactly one `done`.
+    /// Submit a command; the receiver gets `accepted`, `sent` and exactly one `done` — or,
+    /// for a repeated id, the first command's remaining steps or outcome, marked `repeated`.
     pub fn submit(&self, req: Request) -> mpsc::UnboundedReceiver<Report> {
         let (tx, rx) = mpsc::unbounded_channel();
         let id = req
@@ -180,26 +181,41 @@ impl Supervisor {
             .clone()
             .filter(|s| !s.is_empty())
             .unwrap_or_else(new_id);
-        let ttl = req
-            .ttl
-            .unwrap_or(Duration::from_secs(self.config.commands.default_ttl_s));
-        let cmd = Command {
-            id,
+        let reply = |step: Step, repeated: bool| Report {
+            id: id.clone(),
             lock: req.lock.clone(),
             action: req.action,
-            mode: req.mode,
-            deadline: now() + ttl,
-            origin: req.origin.clone(),
-        };
-        let reply = |step: Step, repeated: bool| Report {
-            id: cmd.id.clone(),
-            lock: cmd.lock.clone(),
-            action: cmd.action,
             step,
             repeated,
         };
         let done = |outcome: Outcome| {
             let _ = tx.send(reply(Step::Done { outcome }, false));
+        };
+        // Every surface bounds these when it parses; this is the last gate for all of them.
+        if let Err(e) = check_id(&id) {
+            done(Outcome::bad_request(e));
+            return rx;
+        }
+        let ttl = req
+            .ttl
+            .unwrap_or(Duration::from_secs(self.config.commands.default_ttl_s));
+        let Some(deadline) = (ttl <= MAX_TTL)
+            .then(|| now().checked_add(ttl))
+            .flatten()
+        else {
+            done(Outcome::bad_request(format!(
+                "ttl_s: at most {} seconds",
+                MAX_TTL.as_secs()
+            )));
+            return rx;
+        };
+        let cmd = Command {
+            id: id.clone(),
+            lock: req.lock.clone(),
+            action: req.action,
+            mode: req.mode,
+            deadline,
+            origin: req.origin.clone(),
         };
         if !self.accepting.load(Ordering::SeqCst) {
             done(Outcome::failed("shutting-down"));
@@ -228,6 +244,17 @@ impl Supervisor {
                 let _ = tx.send(reply(Step::Done { outcome }, true));
                 return rx;
             }
+            Begin::Conflict(outcome) => {
+                log::warn!(
+                    "command {} from {}: {} {} refused: the id names another command",
+                    cmd.id,
+                    cmd.origin,
+                    cmd.action,
+                    cmd.lock
+                );
+                done(outcome);
+                return rx;
+            }
             Begin::InFlight => return rx,
             Begin::New => {}
         }
@@ -248,6 +275,11 @@ impl Supervisor {
             self.ledger.finish(&cmd, Outcome::failed(reason));
         }
         rx
+    }
+
+    /// The ledger, for what the id store reports.
+    pub fn ledger(&self) -> &Arc<Ledger> {
+        &self.ledger
     }
 
     /// Stop taking commands, let sessions finish in-flight ones (or time out), close every link

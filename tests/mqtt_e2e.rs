@@ -201,7 +201,7 @@ fn commands_in_every_form_get_one_outcome_each() {
     // A bad payload: failed, saying why.
     broker.publish(&set, r#"{"action":"unlock","ttl":5,"id":"m-4"}"#, &[]);
     let bad = watch.wait("the bad command's outcome", Duration::from_secs(5), |m| {
-        m.topic == result && m.payload.contains("invalid-command")
+        m.topic == result && m.payload.contains("bad-request")
     });
     assert!(bad.payload.contains("unknown field"), "{}", bad.payload);
 

@@ -20,7 +20,7 @@ use webrtc_dtls::conn::DTLSConn;
 
 use super::Endpoint;
 use super::dtls::NewPeer;
-use crate::command::{Action, Mode, Outcome, Step};
+use crate::command::{Action, BAD_REQUEST, Mode, Outcome, Step};
 use crate::registry::GatewayEvent;
 use crate::supervisor::Request;
 
@@ -427,11 +427,12 @@ fn status_for(outcome: &Outcome) -> ResponseType {
         Outcome::Success { .. } => ResponseType::Changed,
         Outcome::Denied { .. } => ResponseType::Forbidden,
         Outcome::Expired => ResponseType::GatewayTimeout,
-        Outcome::Failed { reason } if reason == "unknown-lock" => ResponseType::NotFound,
-        Outcome::Failed { reason }
+        Outcome::Failed { reason, .. } if reason == "unknown-lock" => ResponseType::NotFound,
+        Outcome::Failed { reason, .. } if reason == BAD_REQUEST => ResponseType::BadRequest,
+        Outcome::Failed { reason, .. }
             if matches!(
                 reason.as_str(),
-                "unreachable" | "not-registered" | "invalid-cert" | "shutting-down"
+                "unreachable" | "not-registered" | "invalid-cert" | "shutting-down" | "state-store"
             ) =>
         {
             ResponseType::ServiceUnavailable

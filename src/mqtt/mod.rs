@@ -422,7 +422,7 @@ impl Task {
             match &parsed {
                 Err(e) => {
                     log::warn!("mqtt: bad command for {lock}: {e}");
-                    Some(Outcome::failed(format!("invalid-command: {e}")))
+                    Some(Outcome::bad_request(e.clone()))
                 }
                 Ok(_) => None,
             }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::command::{Action, Mode};
+use crate::command::{Action, Mode, check_id, ttl_from_secs};
 use crate::registry::LockView;
 
 /// A command as it arrived on `<root>/locks/<lock>/set`.
@@ -29,9 +29,6 @@ struct JsonCommand {
     #[serde(default)]
     ttl_s: Option<u64>,
 }
-
-/// Longest accepted command id, so a client cannot fill the id store with huge keys.
-const MAX_ID: usize = 128;
 
 /// Parse a command: JSON `{"action","mode","id","ttl_s"}` or Home Assistant's plain
 /// `LOCK`, `UNLOCK` and `OPEN` (pull the latch). The error says what is wrong.
@@ -65,20 +62,14 @@ pub fn parse_set(payload: &[u8]) -> Result<SetCommand, String> {
         Some(m) => m.parse()?,
     };
     if let Some(id) = &c.id {
-        if id.is_empty() || id.len() > MAX_ID || id.chars().any(char::is_control) {
-            return Err(format!(
-                "id: 1 to {MAX_ID} characters without control characters"
-            ));
-        }
+        check_id(id)?;
     }
-    if c.ttl_s == Some(0) {
-        return Err("ttl_s: at least 1".into());
-    }
+    let ttl = c.ttl_s.map(ttl_from_secs).transpose()?;
     Ok(SetCommand {
         action,
         mode,
         id: c.id,
-        ttl: c.ttl_s.map(Duration::from_secs),
+        ttl,
     })
 }
 
@@ -260,6 +251,10 @@ mod tests {
             (br#"{"action":"lock","ttl":5}"#, "unknown field"),
             (br#"{"action":"lock","mode":"fast"}"#, "unknown mode"),
             (br#"{"action":"lock","ttl_s":0}"#, "ttl_s"),
+            // Regression: this ttl overflowed `Instant + Duration` and panicked the bridge.
+            (br#"{"action":"lock","ttl_s":18446744073709551615}"#, "ttl_s: 1 to 3600"),
+            (br#"{"action":"lock","ttl_s":3601}"#, "ttl_s"),
+            (br#"{"action":"lock","ttl_s":-1}"#, "JSON"),
             (br#"{"action":"lock","id":""}"#, "id:"),
             (br#"{"action":"lock""#, "JSON"),
             (&[0xFF, 0xFE][..], "UTF-8"),
@@ -267,7 +262,9 @@ mod tests {
             let e = parse_set(payload).unwrap_err();
             assert!(e.contains(says), "{e:?} should say {says:?}");
         }
-        let long = format!(r#"{{"action":"lock","id":"{}"}}"#, "x".repeat(200));
-        assert!(parse_set(long.as_bytes()).is_err());
+        let long = format!(r#"{{"action":"lock","id":"{}"}}"#, "x".repeat(65));
+        assert!(parse_set(long.as_bytes()).unwrap_err().contains("1 to 64 bytes"));
+        let longest = format!(r#"{{"action":"lock","id":"{}","ttl_s":3600}}"#, "x".repeat(64));
+        assert!(parse_set(longest.as_bytes()).is_ok());
     }
 }
