@@ -81,7 +81,7 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-pub async fn serve(listener: UnixListener, supervisor: Arc<Supervisor>) {
+pub async fn serve(listener: Arc<UnixListener>, supervisor: Arc<Supervisor>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
@@ -111,8 +111,11 @@ async fn read_line<R: AsyncBufReadExt + Unpin>(
     loop {
         let buf = rd.fill_buf().await?;
         if buf.is_empty() {
-            return Ok((!line.is_empty() || skipped > 0)
-                .then_some(if skipped > 0 { Err(skipped) } else { Ok(()) }));
+            return Ok((!line.is_empty() || skipped > 0).then_some(if skipped > 0 {
+                Err(skipped)
+            } else {
+                Ok(())
+            }));
         }
         let (chunk, newline) = match buf.iter().position(|b| *b == b'\n') {
             Some(i) => (&buf[..i], Some(i)),

@@ -15,7 +15,7 @@ use crate::ledger::Ledger;
 use crate::registry::{GatewayEvent, LinkStatus, Registry};
 use crate::session::SimConnector;
 use crate::supervisor::{Supervisor, initial_view};
-use crate::{control, credentials, keys, systemd};
+use crate::{control, credentials, keys, systemd, tasks};
 
 /// How long shutdown waits for in-flight commands.
 pub const SHUTDOWN_LIMIT: Duration = Duration::from_secs(15);
@@ -83,7 +83,13 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
     };
     let listener = control::bind(&config.control.socket)
         .with_context(|| format!("control socket {}", config.control.socket.display()))?;
-    let mut tasks = vec![tokio::spawn(control::serve(listener, supervisor.clone()))];
+    let listener = Arc::new(listener);
+    let mut tasks = vec![{
+        let sup = supervisor.clone();
+        tasks::supervise("the control socket", registry.clone(), move || {
+            control::serve(listener.clone(), sup.clone())
+        })
+    }];
     let coap = crate::cloud::start(&config, supervisor.clone()).await?;
     let dtls_stats = coap.as_ref().map(|c| c.stats.clone());
     if let Some(c) = coap {

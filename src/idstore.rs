@@ -112,7 +112,9 @@ impl IdStore {
         fs::create_dir_all(dir).map_err(err)?;
         let (mut entries, mut health) = match fs::read(&path) {
             Ok(bytes) => read_lines(&bytes),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (HashMap::new(), Health::default()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                (HashMap::new(), Health::default())
+            }
             Err(e) => return Err(err(e)),
         };
         report(&path, &health);
@@ -287,7 +289,11 @@ fn report(path: &Path, health: &Health) {
             "command-id store {p}: {} line(s) could not be read and were skipped (line {}{}); every other id is kept",
             health.bad_lines.len(),
             shown.join(", "),
-            if health.bad_lines.len() > 10 { ", …" } else { "" }
+            if health.bad_lines.len() > 10 {
+                ", …"
+            } else {
+                ""
+            }
         );
     }
     if let Some(why) = &health.truncated {
@@ -358,8 +364,14 @@ mod tests {
             let mut s = IdStore::open(dir.path(), DAY, 1_000).unwrap();
             s.record_sent(entry("cli", "a", Action::Unlock, 1_000, None))
                 .unwrap();
-            s.record_done(entry("cli", "a", Action::Unlock, 1_100, Some(Outcome::Expired)))
-                .unwrap();
+            s.record_done(entry(
+                "cli",
+                "a",
+                Action::Unlock,
+                1_100,
+                Some(Outcome::Expired),
+            ))
+            .unwrap();
             s.record_sent(entry("cli", "b", Action::Lock, 1_200, None))
                 .unwrap();
             // crash: no outcome for b
@@ -373,7 +385,10 @@ mod tests {
             Some(Outcome::Ambiguous { .. })
         ));
         assert!(s.get("cli", "c", 2_000).is_none());
-        assert!(s.get("mqtt", "a", 2_000).is_none(), "ids are scoped to their origin");
+        assert!(
+            s.get("mqtt", "a", 2_000).is_none(),
+            "ids are scoped to their origin"
+        );
     }
 
     #[test]
@@ -381,8 +396,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let mut s = IdStore::open(dir.path(), DAY, 1_000).unwrap();
-            s.record_done(entry("cli", "old", Action::Lock, 1_000, Some(Outcome::Expired)))
-                .unwrap();
+            s.record_done(entry(
+                "cli",
+                "old",
+                Action::Lock,
+                1_000,
+                Some(Outcome::Expired),
+            ))
+            .unwrap();
         }
         let mut f = OpenOptions::new()
             .append(true)
@@ -391,7 +412,10 @@ mod tests {
         f.write_all(b"{\"id\":\"torn\",\"lo").unwrap();
         let s = IdStore::open(dir.path(), DAY, 1_000 + DAY - 1).unwrap();
         assert!(s.health().torn_tail && s.health().moved_aside.is_none());
-        assert!(s.get("cli", "old", 1_000 + DAY - 1).is_some(), "kept for a full day");
+        assert!(
+            s.get("cli", "old", 1_000 + DAY - 1).is_some(),
+            "kept for a full day"
+        );
         assert!(s.get("cli", "torn", 1_000).is_none());
         let s = IdStore::open(dir.path(), DAY, 1_000 + DAY + 1).unwrap();
         assert!(s.get("cli", "old", 1_000 + DAY + 1).is_none());
@@ -406,8 +430,14 @@ mod tests {
         {
             let mut s = IdStore::open(dir.path(), DAY, 1_000).unwrap();
             for (i, id) in ["a", "b", "c"].iter().enumerate() {
-                s.record_done(entry("cli", id, Action::Unlock, 1_000 + i as u64, Some(Outcome::Expired)))
-                    .unwrap();
+                s.record_done(entry(
+                    "cli",
+                    id,
+                    Action::Unlock,
+                    1_000 + i as u64,
+                    Some(Outcome::Expired),
+                ))
+                .unwrap();
             }
         }
         let path = dir.path().join(FILE_NAME);
@@ -438,8 +468,14 @@ mod tests {
         {
             let mut s = IdStore::open(dir.path(), DAY, 1_000).unwrap();
             for id in ["a", "b", "c"] {
-                s.record_done(entry("cli", id, Action::Lock, 1_000, Some(Outcome::Expired)))
-                    .unwrap();
+                s.record_done(entry(
+                    "cli",
+                    id,
+                    Action::Lock,
+                    1_000,
+                    Some(Outcome::Expired),
+                ))
+                .unwrap();
             }
         }
         // Compacted: header counting 3, then a, b, c. Keep the header and one entry.

@@ -266,7 +266,13 @@ mod tests {
         let l = ledger(dir.path());
         let unlock = command("alice", "x", "front", Action::Unlock);
         assert!(matches!(l.begin(&unlock, channel().0), Begin::New));
-        l.finish(&unlock, Outcome::Success { state: None, battery: None });
+        l.finish(
+            &unlock,
+            Outcome::Success {
+                state: None,
+                battery: None,
+            },
+        );
 
         // The same id from the same origin for another action or lock: refused.
         for other in [
@@ -283,7 +289,10 @@ mod tests {
             }
         }
         // A true repeat gets the first outcome.
-        assert!(matches!(l.begin(&unlock, channel().0), Begin::Done(Outcome::Success { .. })));
+        assert!(matches!(
+            l.begin(&unlock, channel().0),
+            Begin::Done(Outcome::Success { .. })
+        ));
         // Another origin's id is its own command, in flight or not.
         let bob = command("bob", "x", "front", Action::Lock);
         let (tx, mut bob_rx) = channel();
@@ -326,7 +335,10 @@ mod tests {
         }
         let l = ledger(dir.path());
         let cmd = command("cli", "d", "front", Action::Lock);
-        assert!(matches!(l.begin(&cmd, channel().0), Begin::Done(Outcome::Ambiguous { .. })));
+        assert!(matches!(
+            l.begin(&cmd, channel().0),
+            Begin::Done(Outcome::Ambiguous { .. })
+        ));
         let other = command("cli", "d", "front", Action::Unlock);
         assert!(matches!(l.begin(&other, channel().0), Begin::Conflict(_)));
         assert!(matches!(

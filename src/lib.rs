@@ -66,4 +66,5 @@ pub mod sim;
 pub mod slots;
 pub mod supervisor;
 pub mod systemd;
+pub mod tasks;
 pub mod telemetry;

@@ -78,6 +78,11 @@ pub enum GatewayEvent {
     Command {
         report: Report,
     },
+    /// A front-end task panicked (a bug) and was started again.
+    TaskFailed {
+        task: String,
+        message: String,
+    },
 }
 
 /// Counts of what went through the event stream, for metrics.
@@ -91,6 +96,8 @@ pub struct Counters {
     /// Lock alerts by code (`"0x04 …"`, with the alert's name).
     pub alerts: BTreeMap<String, u64>,
     pub stalls: u64,
+    /// Front-end tasks that panicked and were restarted.
+    pub task_failures: u64,
 }
 
 impl Counters {
@@ -110,6 +117,7 @@ impl Counters {
                     .or_default() += 1
             }
             GatewayEvent::Stalled { .. } => self.stalls += 1,
+            GatewayEvent::TaskFailed { .. } => self.task_failures += 1,
             _ => {}
         }
     }

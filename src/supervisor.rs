@@ -199,10 +199,7 @@ impl Supervisor {
         let ttl = req
             .ttl
             .unwrap_or(Duration::from_secs(self.config.commands.default_ttl_s));
-        let Some(deadline) = (ttl <= MAX_TTL)
-            .then(|| now().checked_add(ttl))
-            .flatten()
-        else {
+        let Some(deadline) = (ttl <= MAX_TTL).then(|| now().checked_add(ttl)).flatten() else {
             done(Outcome::bad_request(format!(
                 "ttl_s: at most {} seconds",
                 MAX_TTL.as_secs()

@@ -410,15 +410,31 @@ struct CommandBody {
     request_id: Option<String>,
 }
 
-/// The response carrying a command's outcome.
-fn outcome_packet(identity: &str, response: CoapResponse, id: String, outcome: Outcome) -> Packet {
+/// The response carrying a command's outcome: the outcome's fields, the id, and
+/// `"repeated": true` when the id repeated an earlier command (nothing was sent again).
+fn outcome_packet(identity: &str, response: CoapResponse, done: Done) -> Packet {
+    let Done {
+        id,
+        outcome,
+        repeated,
+    } = done;
     if matches!(outcome, Outcome::Denied { .. }) {
         log::warn!("coap: {identity} denied: {outcome:?}");
     }
     let status = status_for(&outcome);
     let mut body = serde_json::to_value(&outcome).unwrap_or_default();
     body["id"] = serde_json::Value::String(id);
+    if repeated {
+        body["repeated"] = serde_json::Value::Bool(true);
+    }
     json_response(response, status, &body)
+}
+
+/// A command's terminal report, as a CoAP answer needs it.
+struct Done {
+    id: String,
+    outcome: Outcome,
+    repeated: bool,
 }
 
 /// The CoAP code for an outcome (design §6).
@@ -534,7 +550,11 @@ async fn handle(
             let wait_outcome = async move {
                 while let Some(r) = rx.recv().await {
                     if let Step::Done { outcome } = r.step {
-                        return Some((r.id, outcome));
+                        return Some(Done {
+                            id: r.id,
+                            outcome,
+                            repeated: r.repeated,
+                        });
                     }
                 }
                 None
@@ -542,7 +562,7 @@ async fn handle(
             let mut wait_outcome = Box::pin(wait_outcome);
             let finished = tokio::time::timeout(PIGGYBACK_LIMIT, &mut wait_outcome).await;
             match finished {
-                Ok(Some((id, outcome))) => outcome_packet(identity, response, id, outcome),
+                Ok(Some(done)) => outcome_packet(identity, response, done),
                 Ok(None) => error(response, ResponseType::InternalServerError, "no outcome"),
                 Err(_) => {
                     // Separate response (RFC 7252 §5.2.2): an empty ACK now, the outcome as
@@ -558,10 +578,10 @@ async fn handle(
                     });
                     let peer = peer.clone();
                     let outcome = Box::pin(async move {
-                        let Some((id, outcome)) = wait_outcome.await else {
+                        let Some(done) = wait_outcome.await else {
                             return;
                         };
-                        let separate = outcome_packet(&peer.identity, response, id, outcome);
+                        let separate = outcome_packet(&peer.identity, response, done);
                         if confirmable {
                             peer.send_confirmable(separate).await;
                         } else {

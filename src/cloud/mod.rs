@@ -187,14 +187,17 @@ pub async fn start(
         unused_roots: unused_roots()?,
     });
     let socket = Arc::new(socket);
-    let limits = endpoint.limits.clone();
     let stats = endpoint.stats.clone();
-    let task = tokio::spawn(dtls::demultiplex(
-        socket,
-        limits,
-        stats.clone(),
-        move |peer| coap::serve_peer(peer, endpoint.clone()),
-    ));
+    let registry = endpoint.supervisor.registry().clone();
+    let task = crate::tasks::supervise("the CoAP endpoint", registry, move || {
+        let endpoint = endpoint.clone();
+        dtls::demultiplex(
+            socket.clone(),
+            endpoint.limits.clone(),
+            endpoint.stats.clone(),
+            move |peer| coap::serve_peer(peer, endpoint.clone()),
+        )
+    });
     log::info!("coap: CoAP over DTLS on udp {addr}");
     Ok(Some(Started { addr, task, stats }))
 }

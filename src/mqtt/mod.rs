@@ -29,11 +29,17 @@ use client::{Client, EventLoop, Incoming, Message, Out};
 
 /// The running bridge.
 pub struct Bridge {
-    client: Client,
+    /// The connection in use, replaced when the bridge is restarted after a panic.
+    current: Arc<std::sync::Mutex<Current>>,
     stopping: Arc<std::sync::atomic::AtomicBool>,
     status_topic: String,
-    task: tokio::task::JoinHandle<()>,
-    driver: tokio::task::JoinHandle<()>,
+    supervised: tokio::task::JoinHandle<()>,
+}
+
+/// The client of the bridge's current run, and its task.
+struct Current {
+    client: Client,
+    task: Option<tokio::task::AbortHandle>,
 }
 
 impl Bridge {
@@ -44,24 +50,45 @@ impl Bridge {
             retain: true,
             correlation: None,
         };
-        self.task.abort();
         self.stopping.store(true, Ordering::SeqCst);
-        let mut driver = self.driver;
+        let client = {
+            let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(task) = current.task.take() {
+                task.abort();
+            }
+            current.client.clone()
+        };
+        let mut supervised = self.supervised;
         let flushed = tokio::time::timeout(Duration::from_secs(1), async {
-            self.client.publish(out, b"offline".to_vec()).await;
-            self.client.disconnect().await;
+            client.publish(out, b"offline".to_vec()).await;
+            client.disconnect().await;
             // The event loop writes both, then ends when the connection closes.
-            let _ = (&mut driver).await;
+            let _ = (&mut supervised).await;
         })
         .await;
         if flushed.is_err() {
-            driver.abort();
+            supervised.abort();
         }
     }
 }
 
+/// What survives a restart of the bridge: counters and the parts every run is built from.
+#[derive(Clone)]
+struct Shared {
+    config: Arc<Config>,
+    supervisor: Arc<Supervisor>,
+    dtls_peers: Option<Arc<crate::cloud::dtls::Stats>>,
+    reconnects: Arc<AtomicU64>,
+    retained_refused: Arc<AtomicU64>,
+    started: std::time::Instant,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+    current: Arc<std::sync::Mutex<Current>>,
+}
+
 /// Connect to the configured broker (in the background) and bridge until stopped. `dtls_peers`
-/// reports the CoAP endpoint's peers in the metrics.
+/// reports the CoAP endpoint's peers in the metrics. The bridge runs under
+/// [`crate::tasks::supervise`]: if it panics, it is logged and started again with a fresh
+/// connection.
 pub fn start(
     config: &Config,
     supervisor: Arc<Supervisor>,
@@ -72,45 +99,106 @@ pub fn start(
     }
     let root = config.mqtt_root();
     let topics = Topics::new(&root, &config.mqtt.discovery_prefix);
+    // Built once here so that a bad setting stops the daemon at start, with its reason.
     let (client, eventloop) = connection(config, &topics).context("mqtt")?;
+    let current = Arc::new(std::sync::Mutex::new(Current { client, task: None }));
+    let shared = Shared {
+        config: Arc::new(config.clone()),
+        supervisor: supervisor.clone(),
+        dtls_peers,
+        reconnects: Arc::new(AtomicU64::new(0)),
+        retained_refused: Arc::new(AtomicU64::new(0)),
+        started: std::time::Instant::now(),
+        stopping: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        current: current.clone(),
+    };
+    let stopping = shared.stopping.clone();
+    let first = std::sync::Mutex::new(Some(eventloop));
+    let supervised = crate::tasks::supervise(
+        "the MQTT bridge",
+        supervisor.registry().clone(),
+        move || {
+            let eventloop = first.lock().unwrap_or_else(|p| p.into_inner()).take();
+            run_bridge(shared.clone(), eventloop)
+        },
+    );
+    log::info!("mqtt: bridging to {} under {root}", config.mqtt.broker);
+    Ok(Some(Bridge {
+        current,
+        stopping,
+        status_topic: topics.status,
+        supervised,
+    }))
+}
+
+/// One run of the bridge: the event loop's driver and the bridge's task, until both end. A
+/// panic in either ends the other and is passed on to the supervisor.
+async fn run_bridge(shared: Shared, eventloop: Option<EventLoop>) {
+    let config = &shared.config;
+    let topics = Topics::new(&config.mqtt_root(), &config.mqtt.discovery_prefix);
+    let (client, eventloop) = match eventloop {
+        Some(e) => {
+            let client = shared
+                .current
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .client
+                .clone();
+            (client, e)
+        }
+        None => match connection(config, &topics) {
+            Ok(c) => c,
+            Err(e) => {
+                // The same settings worked at start; nothing changed them since.
+                log::error!("mqtt: {e:#}; the bridge stays down");
+                return;
+            }
+        },
+    };
     let (tx, rx) = mpsc::channel(256);
-    let reconnects = Arc::new(AtomicU64::new(0));
     let backoff = client::Backoff::new(
         Duration::from_millis(config.mqtt.reconnect_min_ms),
         Duration::from_secs(config.mqtt.reconnect_max_s),
     );
-    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let driver = tokio::spawn(client::drive(
+    let mut driver = tokio::spawn(client::drive(
         eventloop,
         tx,
         backoff,
-        reconnects.clone(),
+        shared.reconnects.clone(),
         config.mqtt.broker.clone(),
-        stopping.clone(),
+        shared.stopping.clone(),
     ));
-    let events = supervisor.registry().subscribe();
-    let status_topic = topics.status.clone();
+    let _driver = crate::tasks::AbortOnDrop(driver.abort_handle());
+    let events = shared.supervisor.registry().subscribe();
     let bridge = Task {
         client: client.clone(),
         topics,
-        supervisor,
-        reconnects,
-        dtls_peers,
+        supervisor: shared.supervisor.clone(),
+        reconnects: shared.reconnects.clone(),
+        dtls_peers: shared.dtls_peers.clone(),
         connected: false,
         dirty: false,
-        started: std::time::Instant::now(),
-        retained_refused: 0,
+        started: shared.started,
+        retained_refused: shared.retained_refused.clone(),
         availability: Default::default(),
     };
-    let task = tokio::spawn(bridge.run(rx, events));
-    log::info!("mqtt: bridging to {} under {root}", config.mqtt.broker);
-    Ok(Some(Bridge {
+    let mut task = tokio::spawn(bridge.run(rx, events));
+    let _task = crate::tasks::AbortOnDrop(task.abort_handle());
+    *shared.current.lock().unwrap_or_else(|p| p.into_inner()) = Current {
         client,
-        stopping,
-        status_topic,
-        task,
-        driver,
-    }))
+        task: Some(task.abort_handle()),
+    };
+    // Whichever ends first; then the other. A panic in either is the supervisor's.
+    let (first, other) = tokio::select! {
+        r = &mut task => (r, driver),
+        r = &mut driver => (r, task),
+    };
+    let passed_on = |r: Result<(), tokio::task::JoinError>| match r {
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        _ => {}
+    };
+    passed_on(first);
+    passed_on(other.await);
 }
 
 /// The topics of one gateway.
@@ -259,7 +347,7 @@ struct Task {
     /// A publish did not fit in the queue: publish every lock's state again.
     dirty: bool,
     started: std::time::Instant,
-    retained_refused: u64,
+    retained_refused: Arc<AtomicU64>,
     /// Availability as last published per lock: it is sent only when it changes.
     availability: std::collections::HashMap<String, &'static str>,
 }
@@ -407,14 +495,17 @@ impl Task {
             return;
         };
         let parsed = payload::parse_set(&m.payload);
-        let id = parsed.as_ref().ok().and_then(|c| c.id.clone());
+        let (id, action) = match &parsed {
+            Ok(c) => (c.id.clone(), Some(c.action)),
+            Err(_) => payload::id_and_action(&m.payload),
+        };
         let refuse = |reason: String| {
             log::warn!("mqtt: command for {lock} refused: {reason}");
             Outcome::Denied { reason }
         };
         let early = if m.retain {
             // A retained command would fire again on every reconnect: never execute one.
-            self.retained_refused += 1;
+            self.retained_refused.fetch_add(1, Ordering::Relaxed);
             Some(refuse(
                 "retained command; publish commands without the retain flag".into(),
             ))
@@ -437,9 +528,7 @@ impl Task {
             let report = Report {
                 id: id.unwrap_or_else(|| "-".into()),
                 lock,
-                action: parsed
-                    .map(|c| c.action)
-                    .unwrap_or(crate::command::Action::Read),
+                action: action.unwrap_or(crate::command::Action::Read),
                 step: Step::Done { outcome },
                 repeated: false,
             };
@@ -477,7 +566,8 @@ impl Task {
             "alerts": counters.alerts,
             "stalls": counters.stalls,
             "mqtt_reconnects": self.reconnects.load(Ordering::Relaxed),
-            "mqtt_retained_commands_refused": self.retained_refused,
+            "mqtt_retained_commands_refused": self.retained_refused.load(Ordering::Relaxed),
+            "task_failures": counters.task_failures,
             "dtls_peers": self.dtls_peers.as_ref().map(|s| s.peers.load(Ordering::Relaxed)),
             "queue_depths": self.supervisor.queue_depths(),
         });

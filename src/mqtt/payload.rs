@@ -73,6 +73,20 @@ pub fn parse_set(payload: &[u8]) -> Result<SetCommand, String> {
     })
 }
 
+/// The id and action of a command that did not parse, where they can be read, so that its
+/// refusal can name them.
+pub fn id_and_action(payload: &[u8]) -> (Option<String>, Option<Action>) {
+    let Ok(v) = serde_json::from_slice::<Value>(payload) else {
+        return (None, None);
+    };
+    let id = v["id"]
+        .as_str()
+        .filter(|id| check_id(id).is_ok())
+        .map(str::to_string);
+    let action = v["action"].as_str().and_then(|a| a.parse().ok());
+    (id, action)
+}
+
 fn truncate(s: &str, n: usize) -> &str {
     match s.char_indices().nth(n) {
         Some((i, _)) => &s[..i],
@@ -252,7 +266,10 @@ mod tests {
             (br#"{"action":"lock","mode":"fast"}"#, "unknown mode"),
             (br#"{"action":"lock","ttl_s":0}"#, "ttl_s"),
             // Regression: this ttl overflowed `Instant + Duration` and panicked the bridge.
-            (br#"{"action":"lock","ttl_s":18446744073709551615}"#, "ttl_s: 1 to 3600"),
+            (
+                br#"{"action":"lock","ttl_s":18446744073709551615}"#,
+                "ttl_s: 1 to 3600",
+            ),
             (br#"{"action":"lock","ttl_s":3601}"#, "ttl_s"),
             (br#"{"action":"lock","ttl_s":-1}"#, "JSON"),
             (br#"{"action":"lock","id":""}"#, "id:"),
@@ -263,8 +280,15 @@ mod tests {
             assert!(e.contains(says), "{e:?} should say {says:?}");
         }
         let long = format!(r#"{{"action":"lock","id":"{}"}}"#, "x".repeat(65));
-        assert!(parse_set(long.as_bytes()).unwrap_err().contains("1 to 64 bytes"));
-        let longest = format!(r#"{{"action":"lock","id":"{}","ttl_s":3600}}"#, "x".repeat(64));
+        assert!(
+            parse_set(long.as_bytes())
+                .unwrap_err()
+                .contains("1 to 64 bytes")
+        );
+        let longest = format!(
+            r#"{{"action":"lock","id":"{}","ttl_s":3600}}"#,
+            "x".repeat(64)
+        );
         assert!(parse_set(longest.as_bytes()).is_ok());
     }
 }
