@@ -212,6 +212,12 @@ pub struct Coap {
     pub max_peers: usize,
     /// Handshakes in progress at once; more ClientHellos are dropped.
     pub max_half_open: usize,
+    /// Handshakes in progress from one IP address.
+    pub max_half_open_per_address: usize,
+    /// Sessions from one IP address; one more ends that address's oldest.
+    pub max_peers_per_address: usize,
+    /// Sessions of one client identity; one more ends that identity's oldest.
+    pub max_peers_per_identity: usize,
     /// The gateway's certificate chain (PEM, relative to `gateway.state_dir`), for clients
     /// that authenticate with ECDSA P-256 certificates.
     pub certificate: Option<PathBuf>,
@@ -231,6 +237,9 @@ impl Default for Coap {
             idle_timeout_s: 300,
             max_peers: 4096,
             max_half_open: 256,
+            max_half_open_per_address: 32,
+            max_peers_per_address: 512,
+            max_peers_per_identity: 256,
             certificate: None,
             private_key: None,
             client_ca: None,
@@ -748,6 +757,26 @@ impl Config {
                         format!("{:?} is not HOST:PORT", self.coap.listen),
                     )
                 })?;
+        }
+        for (key, value) in [
+            ("coap.max_peers", self.coap.max_peers),
+            ("coap.max_half_open", self.coap.max_half_open),
+            (
+                "coap.max_half_open_per_address",
+                self.coap.max_half_open_per_address,
+            ),
+            (
+                "coap.max_peers_per_address",
+                self.coap.max_peers_per_address,
+            ),
+            (
+                "coap.max_peers_per_identity",
+                self.coap.max_peers_per_identity,
+            ),
+        ] {
+            if value == 0 {
+                return Err(err(key.into(), "must be at least 1".into()));
+            }
         }
         let mut identities = BTreeSet::new();
         for (i, c) in self.coap.clients.iter().enumerate() {

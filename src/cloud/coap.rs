@@ -18,11 +18,12 @@ use coap_lite::{
 use serde::Deserialize;
 use webrtc_dtls::conn::DTLSConn;
 
-use super::Endpoint;
-use super::dtls::NewPeer;
+use super::dtls::{NewPeer, Notice, verify};
+use super::{Endpoint, Membership};
 use crate::command::{Action, BAD_REQUEST, Mode, Outcome, Step};
 use crate::registry::GatewayEvent;
 use crate::supervisor::Request;
+use crate::tasks::AbortOnDrop;
 
 /// Answer before the client's ACK timeout (2 s) would make it retransmit.
 const PIGGYBACK_LIMIT: Duration = Duration::from_millis(1500);
@@ -159,6 +160,7 @@ impl Peer {
 pub async fn serve_peer(peer: NewPeer, endpoint: Arc<Endpoint>) {
     let identity = Arc::new(Mutex::new(None));
     let config = endpoint.dtls_config(&peer.suites, identity.clone());
+    let psk = config.psk.is_some();
     let conn: Arc<dyn webrtc_util::Conn + Send + Sync> = peer.conn.clone();
     // Boxed: the handshake's state is large and would otherwise stay allocated in this task's
     // future for the whole session (per-peer memory, issue target ≤ 32 KiB).
@@ -180,14 +182,33 @@ pub async fn serve_peer(peer: NewPeer, endpoint: Arc<Endpoint>) {
             return;
         }
     };
-    peer.conn.freeze_flight();
+    // webrtc-dtls does not check the client's Finished: nothing is served before it is.
+    let exported = dtls.connection_state().await.marshal_binary().await;
+    let checked = match exported.ok().and_then(|e| verify::master_secret(&e)) {
+        Some(master) => peer.conn.established(&master, psk),
+        None => Err(verify::FinishedError::NoMasterSecret),
+    };
+    if let Err(e) = checked {
+        endpoint
+            .stats
+            .bad_finished
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        log::warn!("coap: {}: handshake refused: {e}", peer.addr);
+        peer.conn.close();
+        return;
+    }
     peer.state.set_established();
+    let _ = peer
+        .notices
+        .send(Notice::Established(peer.addr, peer.generation));
     let identity = identity
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone()
         .unwrap_or_default();
     log::info!("coap: {} authenticated as {identity:?}", peer.addr);
+    // Peers per address and per identity are capped: this one in, that group's oldest out.
+    let _membership = Membership::join(&endpoint, &peer, &identity);
     let peer_ctx = Arc::new(Peer {
         dtls: dtls.clone(),
         identity: identity.clone(),
@@ -198,8 +219,9 @@ pub async fn serve_peer(peer: NewPeer, endpoint: Arc<Endpoint>) {
         awaiting_ack: Mutex::new(std::collections::HashMap::new()),
     });
     let mut recent: VecDeque<(u16, Vec<u8>)> = VecDeque::new();
-    // Observations (RFC 7641) by token, ended when the peer leaves.
-    let mut observers: std::collections::HashMap<Vec<u8>, tokio::task::JoinHandle<()>> =
+    // Observations (RFC 7641) by token, ended when the peer leaves — also when its task is
+    // aborted (the peer replaced or evicted), which is why they abort on drop.
+    let mut observers: std::collections::HashMap<Vec<u8>, AbortOnDrop> =
         std::collections::HashMap::new();
     // Separate responses still being worked on; ended when the peer leaves.
     let mut pending = tokio::task::JoinSet::new();
@@ -214,6 +236,8 @@ pub async fn serve_peer(peer: NewPeer, endpoint: Arc<Endpoint>) {
             .await
         {
             Ok(n) => n,
+            // A record larger than any request: ignored, like any malformed message.
+            Err(webrtc_dtls::Error::ErrBufferTooSmall) => continue,
             Err(e) => {
                 log::debug!("coap: {} ({identity}): {e}; closing", peer.addr);
                 break;
@@ -272,9 +296,7 @@ pub async fn serve_peer(peer: NewPeer, endpoint: Arc<Endpoint>) {
         let _ = dtls.write(&bytes, None).await;
         remember(&mut recent, mid, bytes);
     }
-    for (_, task) in observers {
-        task.abort();
-    }
+    drop(observers);
     pending.abort_all();
     let _ = dtls.close().await;
 }
@@ -318,7 +340,7 @@ fn observe(
     endpoint: &Arc<Endpoint>,
     peer: &Arc<Peer>,
     request: &mut CoapRequest<std::net::SocketAddr>,
-    observers: &mut std::collections::HashMap<Vec<u8>, tokio::task::JoinHandle<()>>,
+    observers: &mut std::collections::HashMap<Vec<u8>, AbortOnDrop>,
 ) {
     if *request.get_method() != RequestType::Get {
         return;
@@ -334,9 +356,7 @@ fn observe(
     let token = request.message.get_token().to_vec();
     match request.get_observe_flag() {
         Some(Ok(ObserveOption::Deregister)) => {
-            if let Some(task) = observers.remove(&token) {
-                task.abort();
-            }
+            observers.remove(&token);
         }
         Some(Ok(ObserveOption::Register)) => {
             let Some(response) = request.response.as_mut() else {
@@ -376,9 +396,7 @@ fn observe(
                     }
                 }
             });
-            if let Some(old) = observers.insert(token, task) {
-                old.abort();
-            }
+            observers.insert(token, AbortOnDrop(task.abort_handle()));
         }
         _ => {}
     }
@@ -506,6 +524,14 @@ async fn handle(
                 // ClientHellos held back under a flood, and unverified handshakes evicted.
                 "dtls_hellos_held_back": endpoint.stats.held_back.load(Relaxed),
                 "dtls_handshakes_evicted": endpoint.stats.evicted_unverified.load(Relaxed),
+                // What the DTLS layer discarded or ended, by cause.
+                "dtls_dropped_forged": endpoint.stats.dropped_forged.load(Relaxed),
+                "dtls_dropped_budget": endpoint.stats.dropped_budget.load(Relaxed),
+                "dtls_dropped_oversized": endpoint.stats.dropped_oversized.load(Relaxed),
+                "dtls_dropped_address_cap": endpoint.stats.dropped_address_cap.load(Relaxed),
+                "dtls_evicted_by_cap": endpoint.stats.evicted_by_cap.load(Relaxed),
+                "dtls_replaced": endpoint.stats.replaced.load(Relaxed),
+                "dtls_bad_finished": endpoint.stats.bad_finished.load(Relaxed),
                 // Tasks alive in the daemon's runtime: flat over time unless something leaks.
                 "tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
             });

@@ -54,11 +54,115 @@ pub struct Endpoint {
     pub limits: dtls::Limits,
     pub stats: Arc<dtls::Stats>,
     pub started: std::time::Instant,
+    /// Established peers by source address and by identity, oldest first, for the caps.
+    pub groups: Mutex<Groups>,
     /// A root store for webrtc-dtls's server-certificate verifier, which it builds for every
     /// connection, a server's too. Given an empty store it generates a self-signed certificate
     /// (a P-256 key and a signature) per connection, so per spoofed ClientHello; this one is
     /// made once. A server never uses it.
     pub unused_roots: rustls::RootCertStore,
+}
+
+/// What a peer is counted in for the per-address and per-identity caps.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Group {
+    Address(std::net::IpAddr),
+    Identity(String),
+}
+
+/// Established peers of each group, oldest first.
+#[derive(Default)]
+pub struct Groups(HashMap<Group, std::collections::VecDeque<(std::net::SocketAddr, u64)>>);
+
+impl Groups {
+    /// Count a peer in; the peers its groups must give up to stay within `caps`.
+    fn join(
+        &mut self,
+        peer: (std::net::SocketAddr, u64),
+        groups: [(Group, usize); 2],
+    ) -> Vec<(std::net::SocketAddr, u64)> {
+        let mut evict = Vec::new();
+        for (group, cap) in groups {
+            let members = self.0.entry(group).or_default();
+            members.push_back(peer);
+            while members.len() > cap.max(1) {
+                if let Some(old) = members.pop_front() {
+                    evict.push(old);
+                }
+            }
+        }
+        evict
+    }
+
+    fn leave(&mut self, peer: (std::net::SocketAddr, u64), groups: &[Group]) {
+        for group in groups {
+            if let Some(members) = self.0.get_mut(group) {
+                members.retain(|p| *p != peer);
+                if members.is_empty() {
+                    self.0.remove(group);
+                }
+            }
+        }
+    }
+}
+
+/// A peer's place in [`Groups`], given up when its task ends (or is aborted).
+pub struct Membership {
+    endpoint: Arc<Endpoint>,
+    peer: (std::net::SocketAddr, u64),
+    groups: [Group; 2],
+}
+
+impl Membership {
+    /// Count `peer` in under its address and `identity`, and send every peer that pushes out
+    /// of a group over its cap to the demultiplexer to be dropped.
+    pub fn join(endpoint: &Arc<Endpoint>, peer: &dtls::NewPeer, identity: &str) -> Membership {
+        let key = (peer.addr, peer.generation);
+        let groups = [
+            Group::Address(peer.addr.ip()),
+            Group::Identity(identity.to_string()),
+        ];
+        let limits = &endpoint.limits;
+        let evicted = endpoint
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .join(
+                key,
+                [
+                    (groups[0].clone(), limits.max_peers_per_address),
+                    (groups[1].clone(), limits.max_peers_per_identity),
+                ],
+            );
+        for old in evicted {
+            if old != key {
+                log::info!(
+                    "coap: {}: evicted, {identity:?} or its address has its fill of sessions",
+                    old.0
+                );
+                endpoint
+                    .stats
+                    .evicted_by_cap
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let _ = peer.notices.send(dtls::Notice::Gone(old.0, old.1));
+            }
+        }
+        Membership {
+            endpoint: endpoint.clone(),
+            peer: key,
+            groups,
+        }
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.endpoint
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .leave(self.peer, &self.groups);
+    }
 }
 
 /// A root store holding one throwaway self-signed certificate; see [`Endpoint::unused_roots`].
@@ -180,9 +284,13 @@ pub async fn start(
             idle_timeout: Duration::from_secs(config.coap.idle_timeout_s),
             max_peers: config.coap.max_peers,
             max_half_open: config.coap.max_half_open,
+            max_half_open_per_address: config.coap.max_half_open_per_address,
+            max_peers_per_address: config.coap.max_peers_per_address,
+            max_peers_per_identity: config.coap.max_peers_per_identity,
             ..dtls::Limits::default()
         },
         stats: Arc::new(dtls::Stats::default()),
+        groups: Mutex::new(Groups::default()),
         started: std::time::Instant::now(),
         unused_roots: unused_roots()?,
     });
