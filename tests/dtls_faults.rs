@@ -24,124 +24,12 @@ use webrtc_dtls::config::{Config as DtlsConfig, ExtendedMasterSecretType};
 use webrtc_dtls::conn::DTLSConn;
 use webrtc_util::conn::Listener;
 
+use common::dtls_raw::{
+    CT_ALERT, CT_APP_DATA, CT_CCS, CT_HANDSHAKE, Raw, client_hello, handshake, record, records,
+    types,
+};
 use common::udp_proxy::{Dir, Faults, Filter, Proxy};
 use common::{PSK, World};
-
-const CT_CCS: u8 = 20;
-const CT_ALERT: u8 = 21;
-const CT_HANDSHAKE: u8 = 22;
-const CT_APP_DATA: u8 = 23;
-
-// ---------------------------------------------------------------------------------------------
-// DTLS records by hand.
-
-/// (content type, epoch, fragment) of every record in a datagram.
-fn records(datagram: &[u8]) -> Vec<(u8, u16, &[u8])> {
-    let mut out = Vec::new();
-    let mut rest = datagram;
-    while rest.len() >= 13 {
-        let len = u16::from_be_bytes([rest[11], rest[12]]) as usize;
-        let Some(fragment) = rest.get(13..13 + len) else {
-            break;
-        };
-        out.push((rest[0], u16::from_be_bytes([rest[3], rest[4]]), fragment));
-        rest = &rest[13 + len..];
-    }
-    out
-}
-
-fn record(content_type: u8, epoch: u16, seq: u64, fragment: &[u8]) -> Vec<u8> {
-    let mut r = vec![content_type, 0xFE, 0xFD];
-    r.extend_from_slice(&epoch.to_be_bytes());
-    r.extend_from_slice(&seq.to_be_bytes()[2..]);
-    r.extend_from_slice(&(fragment.len() as u16).to_be_bytes());
-    r.extend_from_slice(fragment);
-    r
-}
-
-fn u24(n: usize) -> [u8; 3] {
-    let b = (n as u32).to_be_bytes();
-    [b[1], b[2], b[3]]
-}
-
-fn handshake(epoch: u16, seq: u64, msg_type: u8, msg_seq: u16, body: &[u8]) -> Vec<u8> {
-    let mut h = vec![msg_type];
-    h.extend_from_slice(&u24(body.len()));
-    h.extend_from_slice(&msg_seq.to_be_bytes());
-    h.extend_from_slice(&u24(0));
-    h.extend_from_slice(&u24(body.len()));
-    h.extend_from_slice(body);
-    record(CT_HANDSHAKE, epoch, seq, &h)
-}
-
-/// A PSK ClientHello (TLS_PSK_WITH_AES_128_GCM_SHA256, extended master secret).
-fn client_hello(epoch: u16, seq: u64, msg_seq: u16, cookie: &[u8]) -> Vec<u8> {
-    let mut b = vec![0xFE, 0xFD];
-    b.extend_from_slice(&[7u8; 32]);
-    b.push(0);
-    b.push(cookie.len() as u8);
-    b.extend_from_slice(cookie);
-    b.extend_from_slice(&[0, 2, 0x00, 0xA8, 1, 0]);
-    b.extend_from_slice(&[0, 4, 0x00, 0x17, 0, 0]);
-    handshake(epoch, seq, 1, msg_seq, &b)
-}
-
-/// A raw client on its own socket that speaks records by hand.
-struct Raw {
-    socket: UdpSocket,
-    seq: u64,
-}
-
-impl Raw {
-    async fn new(server: SocketAddr) -> Raw {
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        socket.connect(server).await.unwrap();
-        Raw { socket, seq: 0 }
-    }
-
-    async fn send(&mut self, make: impl FnOnce(u64) -> Vec<u8>) {
-        let d = make(self.seq);
-        self.seq += 1;
-        self.socket.send(&d).await.unwrap();
-    }
-
-    /// Every datagram that arrives within `wait`.
-    async fn receive(&self, wait: Duration) -> Vec<Vec<u8>> {
-        let mut out = Vec::new();
-        let mut buf = vec![0u8; 4096];
-        let end = tokio::time::Instant::now() + wait;
-        while let Ok(Ok(n)) = tokio::time::timeout_at(end, self.socket.recv(&mut buf)).await {
-            out.push(buf[..n].to_vec());
-        }
-        out
-    }
-
-    /// ClientHello, HelloVerifyRequest, ClientHello with the cookie: returns the server's
-    /// flight 4 (ServerHello … ServerHelloDone).
-    async fn start_handshake(&mut self) -> Vec<Vec<u8>> {
-        self.send(|s| client_hello(0, s, 0, &[])).await;
-        let hvr = self.receive(Duration::from_millis(500)).await;
-        let cookie = hvr
-            .iter()
-            .flat_map(|d| records(d))
-            .find(|(ct, _, f)| *ct == CT_HANDSHAKE && f.first() == Some(&3))
-            .map(|(_, _, f)| {
-                let len = f[14] as usize;
-                f[15..15 + len].to_vec()
-            })
-            .expect("a HelloVerifyRequest");
-        self.send(|s| client_hello(0, s, 1, &cookie)).await;
-        self.receive(Duration::from_millis(500)).await
-    }
-}
-
-/// Content types the server sent in `datagrams`.
-fn types(datagrams: &[Vec<u8>]) -> Vec<u8> {
-    datagrams
-        .iter()
-        .flat_map(|d| records(d).into_iter().map(|(ct, _, _)| ct))
-        .collect()
-}
 
 // ---------------------------------------------------------------------------------------------
 // Clients and servers.
