@@ -20,14 +20,13 @@ use webrtc_dtls::conn::DTLSConn;
 
 use super::dtls::{NewPeer, Notice, verify};
 use super::{Endpoint, Membership};
-use crate::command::{Action, BAD_REQUEST, Mode, Outcome, Step};
+use crate::command::{Action, BAD_REQUEST, Mode, Outcome, Step, check_id};
 use crate::registry::GatewayEvent;
 use crate::supervisor::Request;
 use crate::tasks::AbortOnDrop;
 
 /// Answer before the client's ACK timeout (2 s) would make it retransmit.
 const PIGGYBACK_LIMIT: Duration = Duration::from_millis(1500);
-const DEDUP_CACHE: usize = 32;
 /// Confirmable separate responses: RFC 7252's ACK_TIMEOUT and MAX_RETRANSMIT.
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_RETRANSMIT: u32 = 4;
@@ -49,13 +48,18 @@ pub enum Route {
 
 impl Route {
     /// The resource a request names, or the response code and reason it is refused with.
+    /// `segments` are the Uri-Path options, each one segment (a `/` inside one is part of
+    /// it); empty segments are ignored.
     pub fn parse(
         method: RequestType,
-        path: &str,
+        segments: &[&str],
         payload: &[u8],
     ) -> Result<Route, (ResponseType, String)> {
         let refuse = |status, why: &str| Err((status, why.to_string()));
-        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let segments: Vec<&str> = segments.iter().copied().filter(|s| !s.is_empty()).collect();
+        if !matches!(method, RequestType::Get | RequestType::Post) {
+            return refuse(ResponseType::MethodNotAllowed, "use GET or POST");
+        }
         match (method, segments.as_slice()) {
             (RequestType::Get, [".well-known", "core"]) => Ok(Route::Core),
             (RequestType::Get, ["gateway"]) => Ok(Route::Gateway),
@@ -74,6 +78,9 @@ impl Route {
                     serde_json::from_slice(payload)
                         .map_err(|e| (ResponseType::BadRequest, format!("bad payload: {e}")))?
                 };
+                if let Some(id) = &body.request_id {
+                    check_id(id).map_err(|e| (ResponseType::BadRequest, format!("request_{e}")))?;
+                }
                 Ok(Route::Command {
                     lock: id.to_string(),
                     action,
@@ -87,24 +94,183 @@ impl Route {
             _ => refuse(ResponseType::NotFound, "no such resource"),
         }
     }
+
+    /// The lock the route names, if any.
+    fn lock(&self) -> Option<&str> {
+        match self {
+            Route::Lock(id) | Route::Command { lock: id, .. } => Some(id),
+            _ => None,
+        }
+    }
 }
+
+/// Options lockbridge acts on whose numbers are odd (critical, RFC 7252 §5.4.1): Uri-Host,
+/// Uri-Port, Uri-Path, Uri-Query, Accept, Block2, Block1. If-Match and If-None-Match are not
+/// implemented, so they are refused like any other critical option not listed.
+const CRITICAL_UNDERSTOOD: [u16; 7] = [3, 7, 11, 15, 17, 23, 27];
+/// Proxy-Uri and Proxy-Scheme: lockbridge is no proxy.
+const PROXY_OPTIONS: [u16; 2] = [35, 39];
+
+/// What a message is, read before any resource runs (RFC 7252 §4.2–§5.8).
+#[derive(Debug, PartialEq)]
+pub enum Triage {
+    /// An acknowledgement (`reset` false) or reset of a message of ours.
+    Answer { mid: u16, reset: bool },
+    /// An empty confirmable message (a CoAP ping): answered with a reset.
+    Ping,
+    /// Not a request, or not one this endpoint answers: ignored.
+    Ignore,
+    /// Rejected with a reset: a non-confirmable request with a critical option lockbridge
+    /// does not understand.
+    Reject,
+    /// A request refused with this code and reason.
+    Refuse(ResponseType, String),
+    /// A request: its method and path segments.
+    Request {
+        method: RequestType,
+        segments: Vec<String>,
+    },
+}
+
+/// Read what `packet` is.
+pub fn triage(packet: &Packet) -> Triage {
+    let mid = packet.header.message_id;
+    let confirmable = packet.header.get_type() == MessageType::Confirmable;
+    match packet.header.get_type() {
+        MessageType::Acknowledgement => return Triage::Answer { mid, reset: false },
+        MessageType::Reset => return Triage::Answer { mid, reset: true },
+        _ => {}
+    }
+    let method = match packet.header.code {
+        MessageClass::Empty if confirmable => return Triage::Ping,
+        MessageClass::Request(m) => m,
+        // A method code lockbridge does not know (0.08–0.31).
+        MessageClass::Reserved(c) if c < 0x20 => {
+            return Triage::Refuse(ResponseType::MethodNotAllowed, "unknown method".into());
+        }
+        _ => return Triage::Ignore,
+    };
+    for (&number, _) in packet.options() {
+        if PROXY_OPTIONS.contains(&number) {
+            return Triage::Refuse(
+                ResponseType::ProxyingNotSupported,
+                "lockbridge is not a proxy".into(),
+            );
+        }
+        if number % 2 == 1 && !CRITICAL_UNDERSTOOD.contains(&number) {
+            if !confirmable {
+                return Triage::Reject;
+            }
+            return Triage::Refuse(
+                ResponseType::BadOption,
+                format!("critical option {number} is not supported"),
+            );
+        }
+    }
+    let mut segments = Vec::new();
+    for s in packet
+        .get_option(coap_lite::CoapOption::UriPath)
+        .into_iter()
+        .flatten()
+    {
+        match std::str::from_utf8(s) {
+            Ok(s) => segments.push(s.to_string()),
+            Err(_) => {
+                return Triage::Refuse(ResponseType::BadRequest, "Uri-Path is not UTF-8".into());
+            }
+        }
+    }
+    Triage::Request { method, segments }
+}
+
+/// Commands a peer sent recently, by message id, with their answer (RFC 7252 §4.5): a
+/// duplicate — confirmable or not — gets that answer again and never runs the command twice.
+/// Entries live as long as the client may repeat the message (EXCHANGE_LIFETIME, or
+/// NON_LIFETIME for a non-confirmable one); safe methods are not kept, since answering a
+/// repeated GET again is harmless.
+#[derive(Default)]
+struct Recent {
+    entries: VecDeque<(u16, std::time::Instant, Option<Vec<u8>>)>,
+}
+
+/// RFC 7252 §4.8.2.
+const EXCHANGE_LIFETIME: Duration = Duration::from_secs(247);
+const NON_LIFETIME: Duration = Duration::from_secs(145);
+/// Commands remembered per peer: above any rate a lock can serve over a lifetime.
+const RECENT_COMMANDS: usize = 256;
+
+impl Recent {
+    /// `Some(answer)` when `mid` was seen within its lifetime (`None` inside: no answer yet).
+    fn seen(&mut self, mid: u16, now: std::time::Instant) -> Option<Option<&[u8]>> {
+        while self.entries.front().is_some_and(|e| e.1 <= now) {
+            self.entries.pop_front();
+        }
+        self.entries
+            .iter()
+            .find(|e| e.0 == mid && e.1 > now)
+            .map(|e| e.2.as_deref())
+    }
+
+    fn remember(&mut self, mid: u16, confirmable: bool, answer: Option<Vec<u8>>) {
+        let lifetime = if confirmable {
+            EXCHANGE_LIFETIME
+        } else {
+            NON_LIFETIME
+        };
+        self.entries
+            .push_back((mid, std::time::Instant::now() + lifetime, answer));
+        if self.entries.len() > RECENT_COMMANDS {
+            self.entries.pop_front();
+        }
+    }
+}
+
+/// Observations a peer may hold at once; a registration beyond it is served as a plain GET
+/// (RFC 7641 §4.1).
+const MAX_OBSERVATIONS: usize = 16;
+
+/// Block-wise request bodies (RFC 7959 Block1) a peer may have in progress at once.
+const MAX_BLOCK1: usize = 4;
+/// How long block-wise state is kept without a next block.
+const BLOCK_EXPIRY: Duration = Duration::from_secs(30);
 
 /// One authenticated peer, shared by its request loop and the tasks it starts (separate
 /// responses, observations).
-struct Peer {
+pub(super) struct Peer {
     dtls: Arc<DTLSConn>,
-    identity: String,
-    source: std::net::IpAddr,
+    pub(super) identity: String,
+    pub(super) source: std::net::IpAddr,
     /// Message ids of the messages we originate.
     next_mid: std::sync::atomic::AtomicU16,
     /// Confirmable messages of ours waiting for their ACK, by message id.
     awaiting_ack: Mutex<std::collections::HashMap<u16, Arc<tokio::sync::Notify>>>,
+    /// The latest notifications' message ids and tokens, so that a reset ends its observation.
+    notified: Mutex<VecDeque<(u16, Vec<u8>)>>,
 }
 
 impl Peer {
     fn mid(&self) -> u16 {
         self.next_mid
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A notification went out with message id `mid` for the observation `token`.
+    fn note_notification(&self, mid: u16, token: &[u8]) {
+        let mut n = self.notified.lock().unwrap_or_else(|p| p.into_inner());
+        n.push_back((mid, token.to_vec()));
+        // Enough for every observation's latest few: a reset answers the one just sent.
+        if n.len() > 4 * MAX_OBSERVATIONS {
+            n.pop_front();
+        }
+    }
+
+    /// The observation a notification with message id `mid` belonged to.
+    fn notified_token(&self, mid: u16) -> Option<Vec<u8>> {
+        let n = self.notified.lock().unwrap_or_else(|p| p.into_inner());
+        n.iter()
+            .rev()
+            .find(|(m, _)| *m == mid)
+            .map(|(_, t)| t.clone())
     }
 
     /// The client acknowledged (or reset) one of our messages.
@@ -217,17 +383,24 @@ pub async fn serve_peer(peer: NewPeer, endpoint: Arc<Endpoint>) {
             &mut rand_core::OsRng,
         ) as u16),
         awaiting_ack: Mutex::new(std::collections::HashMap::new()),
+        notified: Mutex::new(VecDeque::new()),
     });
-    let mut recent: VecDeque<(u16, Vec<u8>)> = VecDeque::new();
+    let mut recent = Recent::default();
     // Observations (RFC 7641) by token, ended when the peer leaves — also when its task is
     // aborted (the peer replaced or evicted), which is why they abort on drop.
     let mut observers: std::collections::HashMap<Vec<u8>, AbortOnDrop> =
         std::collections::HashMap::new();
     // Separate responses still being worked on; ended when the peer leaves.
     let mut pending = tokio::task::JoinSet::new();
-    // Responses larger than one block (a lock list) go out block-wise (RFC 7959).
-    let mut blocks: BlockHandler<std::net::SocketAddr> =
-        BlockHandler::new(BlockHandlerConfig::default());
+    // Responses larger than one block (a lock list) go out block-wise, and request bodies may
+    // come in blocks (RFC 7959). Only requests for existing resources get here, so its state
+    // is bounded by the resources; [`MAX_BLOCK1`] bounds the bodies in progress.
+    let mut blocks: BlockHandler<std::net::SocketAddr> = BlockHandler::new(BlockHandlerConfig {
+        cache_expiry_duration: BLOCK_EXPIRY,
+        ..BlockHandlerConfig::default()
+    });
+    let mut block1: std::collections::HashMap<Vec<String>, std::time::Instant> =
+        std::collections::HashMap::new();
     let mut buf = vec![0u8; 2048];
     loop {
         while pending.try_join_next().is_some() {}
@@ -247,39 +420,82 @@ pub async fn serve_peer(peer: NewPeer, endpoint: Arc<Endpoint>) {
             continue; // ignored, as RFC 7252 asks for malformed messages
         };
         let mid = packet.header.message_id;
-        match packet.header.get_type() {
-            MessageType::Acknowledgement | MessageType::Reset => {
+        let confirmable = packet.header.get_type() == MessageType::Confirmable;
+        let (method, segments) = match triage(&packet) {
+            Triage::Answer { mid, reset } => {
                 peer_ctx.acknowledged(mid);
+                if reset {
+                    // A reset of a notification ends its observation (RFC 7641 §3.6).
+                    if let Some(token) = peer_ctx.notified_token(mid) {
+                        observers.remove(&token);
+                    }
+                }
                 continue;
             }
-            MessageType::Confirmable => {
-                if let Some((_, cached)) = recent.iter().find(|(m, _)| *m == mid) {
-                    let _ = dtls.write(cached, None).await;
+            Triage::Ping | Triage::Reject => {
+                let _ = dtls.write(&reset(mid), None).await;
+                continue;
+            }
+            Triage::Ignore => continue,
+            Triage::Refuse(status, why) => {
+                if let Some(response) = CoapResponse::new(&packet) {
+                    let bytes = error(response, status, &why).to_bytes().unwrap_or_default();
+                    let _ = dtls.write(&bytes, None).await;
+                }
+                continue;
+            }
+            Triage::Request { method, segments } => (method, segments),
+        };
+        // A repeated command gets its first answer; it never runs twice.
+        let idempotent = method == RequestType::Get;
+        if !idempotent {
+            match recent.seen(mid, std::time::Instant::now()) {
+                Some(Some(answer)) if confirmable => {
+                    let _ = dtls.write(answer, None).await;
                     continue;
                 }
+                Some(_) => continue,
+                None => {}
             }
-            MessageType::NonConfirmable => {}
         }
-        if !matches!(packet.header.code, MessageClass::Request(_)) {
+        let segment_refs: Vec<&str> = segments.iter().map(String::as_str).collect();
+        let mut request = CoapRequest::from_packet(packet, peer.addr);
+        // Is it a resource this identity may see? Only then does anything keep state for it.
+        let target =
+            Route::parse(method, &segment_refs, &[]).and_then(|route| match route.lock() {
+                Some(lock) if !endpoint.may_see(&peer_ctx, lock) => {
+                    Err((ResponseType::NotFound, "unknown lock".to_string()))
+                }
+                _ => Ok(route),
+            });
+        let refused = match target {
+            Err((status, why)) => Some((status, why)),
+            Ok(_) => check_block1(&mut request, &mut block1),
+        };
+        if let Some((status, why)) = refused {
+            let Some(response) = request.response.clone() else {
+                continue;
+            };
+            let bytes = error(response, status, &why).to_bytes().unwrap_or_default();
+            let _ = dtls.write(&bytes, None).await;
+            if !idempotent {
+                recent.remember(mid, confirmable, Some(bytes));
+            }
             continue;
         }
-        let mut request = CoapRequest::from_packet(packet, peer.addr);
         let from_cache = blocks.intercept_request(&mut request).unwrap_or(false);
         if !from_cache {
-            let reply = match handle(&endpoint, &peer_ctx, request.clone()).await {
+            let reply = match handle(&endpoint, &peer_ctx, &segment_refs, request.clone()).await {
                 Some(Reply::Now(p)) => p,
                 Some(Reply::Later { ack, outcome }) => {
                     pending.spawn(outcome);
-                    match ack {
-                        Some(ack) => {
-                            // Remember the empty ACK so a repeated request gets it again
-                            // instead of starting a second command.
-                            let Ok(bytes) = ack.to_bytes() else { continue };
-                            let _ = dtls.write(&bytes, None).await;
-                            remember(&mut recent, mid, bytes);
-                        }
-                        None => continue,
+                    // Remember the empty ACK so a repeated request gets it again instead of
+                    // starting a second command.
+                    let ack = ack.and_then(|a| a.to_bytes().ok());
+                    if let Some(bytes) = &ack {
+                        let _ = dtls.write(bytes, None).await;
                     }
+                    recent.remember(mid, confirmable, ack);
                     continue;
                 }
                 None => continue,
@@ -287,19 +503,80 @@ pub async fn serve_peer(peer: NewPeer, endpoint: Arc<Endpoint>) {
             if let Some(r) = request.response.as_mut() {
                 r.message = reply;
             }
-            observe(&endpoint, &peer_ctx, &mut request, &mut observers);
+            observe(
+                &endpoint,
+                &peer_ctx,
+                &segment_refs,
+                &mut request,
+                &mut observers,
+            );
             let _ = blocks.intercept_response(&mut request);
         }
         let Some(Ok(bytes)) = request.response.as_ref().map(|r| r.message.to_bytes()) else {
             continue;
         };
         let _ = dtls.write(&bytes, None).await;
-        remember(&mut recent, mid, bytes);
+        if !idempotent {
+            recent.remember(mid, confirmable, Some(bytes));
+        }
     }
     drop(observers);
     pending.abort_all();
     let _ = dtls.close().await;
 }
+
+/// An empty reset for message `mid`.
+fn reset(mid: u16) -> Vec<u8> {
+    let mut p = Packet::new();
+    p.header.set_version(1);
+    p.header.set_type(MessageType::Reset);
+    p.header.code = MessageClass::Empty;
+    p.header.message_id = mid;
+    p.to_bytes().unwrap_or_default()
+}
+
+/// Bound a block-wise request body: at most [`MAX_BODY`] in all, and at most [`MAX_BLOCK1`]
+/// bodies of a peer in progress. The refusal, if any.
+fn check_block1(
+    request: &mut CoapRequest<std::net::SocketAddr>,
+    in_progress: &mut std::collections::HashMap<Vec<String>, std::time::Instant>,
+) -> Option<(ResponseType, String)> {
+    let raw = request
+        .message
+        .get_option(coap_lite::CoapOption::Block1)
+        .and_then(|values| values.front())?;
+    // num (up to 20 bits) ‖ more (1) ‖ szx (3), in 0 to 3 bytes (RFC 7959 §2.2)
+    if raw.len() > 3 || raw.last().is_some_and(|b| b & 0x07 == 7) {
+        return Some((ResponseType::BadRequest, "malformed Block1 option".into()));
+    }
+    let block = raw.iter().fold(0u32, |v, b| v << 8 | u32::from(*b));
+    let (num, more, size) = (block >> 4, block & 0x08 != 0, 16usize << (block & 0x07));
+    let end = (num as usize).saturating_mul(size) + request.message.payload.len();
+    if end > MAX_BODY {
+        return Some((
+            ResponseType::RequestEntityTooLarge,
+            format!("request bodies are at most {MAX_BODY} bytes"),
+        ));
+    }
+    let now = std::time::Instant::now();
+    in_progress.retain(|_, seen| now.duration_since(*seen) < BLOCK_EXPIRY);
+    let path = request.get_path_as_vec().unwrap_or_default();
+    if !in_progress.contains_key(&path) && in_progress.len() >= MAX_BLOCK1 {
+        return Some((
+            ResponseType::ServiceUnavailable,
+            format!("at most {MAX_BLOCK1} block-wise requests at a time"),
+        ));
+    }
+    if more {
+        in_progress.insert(path, now);
+    } else {
+        in_progress.remove(&path);
+    }
+    None
+}
+
+/// The largest request body, whole or reassembled from blocks.
+const MAX_BODY: usize = 1024;
 
 /// The largest request lockbridge reads. Its own requests are a path and a short JSON body
 /// (a few hundred bytes); coap-lite's `BlockHandler` panics on some larger ones (it cannot
@@ -312,14 +589,6 @@ pub fn read_message(datagram: &[u8]) -> Option<Packet> {
     let packet = Packet::from_bytes(datagram).ok()?;
     let encoded = packet.to_bytes().ok()?;
     (encoded.len() <= MAX_REQUEST_BYTES).then_some(packet)
-}
-
-/// Keep the last answers by message id for de-duplication (RFC 7252 §4.5).
-fn remember(recent: &mut VecDeque<(u16, Vec<u8>)>, mid: u16, bytes: Vec<u8>) {
-    recent.push_back((mid, bytes));
-    if recent.len() > DEDUP_CACHE {
-        recent.pop_front();
-    }
 }
 
 /// What a request gets.
@@ -335,22 +604,18 @@ enum Reply {
 }
 
 /// Register or end an observation of `/locks/{id}` (RFC 7641). A registered client gets the
-/// current view with an Observe number now, then a notification on every change.
+/// current view with an Observe number now, then a notification on every change — while its
+/// permissions still let it read the lock: when they no longer do (a time window closed), it
+/// gets a 4.03 notification, which ends the observation. At most [`MAX_OBSERVATIONS`] per
+/// peer; a registration beyond that is answered as a plain GET.
 fn observe(
     endpoint: &Arc<Endpoint>,
     peer: &Arc<Peer>,
+    segments: &[&str],
     request: &mut CoapRequest<std::net::SocketAddr>,
     observers: &mut std::collections::HashMap<Vec<u8>, AbortOnDrop>,
 ) {
-    if *request.get_method() != RequestType::Get {
-        return;
-    }
-    let path = request.get_path();
-    let Some(lock) = path
-        .strip_prefix("locks/")
-        .filter(|l| !l.contains('/'))
-        .map(str::to_string)
-    else {
+    let Ok(Route::Lock(lock)) = Route::parse(*request.get_method(), segments, &[]) else {
         return;
     };
     let token = request.message.get_token().to_vec();
@@ -365,40 +630,77 @@ fn observe(
             if response.message.header.code != MessageClass::Response(ResponseType::Content) {
                 return; // not found or not allowed: no observation
             }
+            observers.retain(|_, task| !task.0.is_finished());
+            if !observers.contains_key(&token) && observers.len() >= MAX_OBSERVATIONS {
+                log::info!(
+                    "coap: {} ({}) holds {MAX_OBSERVATIONS} observations; {lock} served without one",
+                    peer.source,
+                    peer.identity
+                );
+                return;
+            }
             response.message.set_observe_value(0);
-            let mut events = endpoint.supervisor.registry().subscribe();
-            let peer = peer.clone();
-            let token_for_task = token.clone();
+            let events = endpoint.supervisor.registry().subscribe();
             log::info!("coap: {} observes {lock}", peer.identity);
-            let task = tokio::spawn(async move {
-                let mut seq: u32 = 0;
-                loop {
-                    let view = match events.recv().await {
-                        Ok(GatewayEvent::LockChanged { lock: v }) if v.id == lock => v,
-                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                            continue;
-                        }
-                        Err(_) => return,
-                    };
-                    seq = (seq + 1) & 0x00FF_FFFF;
-                    let mut n = Packet::new();
-                    n.header.set_version(1);
-                    n.header.set_type(MessageType::NonConfirmable);
-                    n.header.code = MessageClass::Response(ResponseType::Content);
-                    n.header.message_id = peer.mid();
-                    n.set_token(token_for_task.clone());
-                    n.set_observe_value(seq);
-                    n.set_content_format(ContentFormat::ApplicationJSON);
-                    n.payload = serde_json::to_vec(&view).unwrap_or_default();
-                    let Ok(bytes) = n.to_bytes() else { continue };
-                    if peer.dtls.write(&bytes, None).await.is_err() {
-                        return;
-                    }
-                }
-            });
+            let task = tokio::spawn(notify(
+                endpoint.clone(),
+                peer.clone(),
+                lock,
+                token.clone(),
+                events,
+            ));
             observers.insert(token, AbortOnDrop(task.abort_handle()));
         }
         _ => {}
+    }
+}
+
+/// An observation's notifications, until the peer goes, the lock's read permission ends, or
+/// the event stream closes.
+async fn notify(
+    endpoint: Arc<Endpoint>,
+    peer: Arc<Peer>,
+    lock: String,
+    token: Vec<u8>,
+    mut events: tokio::sync::broadcast::Receiver<GatewayEvent>,
+) {
+    let mut seq: u32 = 0;
+    loop {
+        let view = match events.recv().await {
+            Ok(GatewayEvent::LockChanged { lock: v }) if v.id == lock => v,
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(_) => return,
+        };
+        seq = (seq + 1) & 0x00FF_FFFF;
+        let allowed = endpoint.may(&peer, &lock, Action::Read);
+        let mut n = Packet::new();
+        n.header.set_version(1);
+        n.header.set_type(MessageType::NonConfirmable);
+        n.header.message_id = peer.mid();
+        n.set_token(token.clone());
+        n.set_content_format(ContentFormat::ApplicationJSON);
+        if allowed {
+            n.header.code = MessageClass::Response(ResponseType::Content);
+            n.set_observe_value(seq);
+            n.payload = serde_json::to_vec(&view).unwrap_or_default();
+        } else {
+            n.header.code = MessageClass::Response(ResponseType::Forbidden);
+            n.payload = serde_json::to_vec(&serde_json::json!({
+                "error": "not allowed to read this lock now; the observation ended"
+            }))
+            .unwrap_or_default();
+        }
+        let Ok(bytes) = n.to_bytes() else { continue };
+        peer.note_notification(n.header.message_id, &token);
+        if peer.dtls.write(&bytes, None).await.is_err() || !allowed {
+            if !allowed {
+                log::info!(
+                    "coap: {}'s observation of {lock} ended: no longer allowed",
+                    peer.identity
+                );
+            }
+            return;
+        }
     }
 }
 
@@ -479,14 +781,11 @@ fn status_for(outcome: &Outcome) -> ResponseType {
 async fn handle(
     endpoint: &Endpoint,
     peer: &Arc<Peer>,
+    segments: &[&str],
     request: CoapRequest<std::net::SocketAddr>,
 ) -> Option<Reply> {
     let response = request.response.clone()?;
-    let route = Route::parse(
-        *request.get_method(),
-        &request.get_path(),
-        &request.message.payload,
-    );
+    let route = Route::parse(*request.get_method(), segments, &request.message.payload);
     let route = match route {
         Ok(route) => route,
         Err((status, why)) => return Some(Reply::Now(error(response, status, &why))),
@@ -548,6 +847,9 @@ async fn handle(
         }
         Route::Lock(id) => match sup.registry().get(&id) {
             None => error(response, ResponseType::NotFound, "unknown lock"),
+            Some(_) if !endpoint.may_see(peer, &id) => {
+                error(response, ResponseType::NotFound, "unknown lock")
+            }
             Some(_) if !may_read(&id) => {
                 log::warn!("coap: {identity} may not read {id}: 4.03");
                 error(
@@ -680,7 +982,11 @@ mod tests {
 
     #[test]
     fn routes_and_refusals() {
-        let parse = |m, p: &str, b: &str| Route::parse(m, p, b.as_bytes());
+        // Test paths split on '/' here; on the wire each Uri-Path option is one segment.
+        let parse = |m, p: &str, b: &str| {
+            let segments: Vec<&str> = p.split('/').collect();
+            Route::parse(m, &segments, b.as_bytes())
+        };
         assert_eq!(parse(RequestType::Get, "locks", ""), Ok(Route::Locks));
         assert_eq!(
             parse(RequestType::Get, "/locks/front//", ""),
@@ -724,5 +1030,161 @@ mod tests {
             status(parse(RequestType::Get, "nothing", "")),
             ResponseType::NotFound
         );
+        let long = format!(r#"{{"request_id":"{}"}}"#, "r".repeat(65));
+        assert_eq!(
+            status(parse(RequestType::Post, "locks/front/lock", &long)),
+            ResponseType::BadRequest
+        );
+        assert_eq!(
+            status(parse(RequestType::Fetch, "locks", "")),
+            ResponseType::MethodNotAllowed
+        );
+        // Regression: a segment holding '/' was split and matched another resource.
+        assert_eq!(
+            status(Route::parse(RequestType::Get, &["locks/front"], b"")),
+            ResponseType::NotFound
+        );
+    }
+
+    fn message(t: MessageType, code: MessageClass, options: &[(u16, &[u8])]) -> Packet {
+        let mut p = Packet::new();
+        p.header.set_type(t);
+        p.header.code = code;
+        p.header.message_id = 7;
+        for (n, v) in options {
+            p.add_option(coap_lite::CoapOption::from(*n), v.to_vec());
+        }
+        p
+    }
+
+    #[test]
+    fn triage_refuses_what_lockbridge_does_not_understand() {
+        let get = MessageClass::Request(RequestType::Get);
+        let con = MessageType::Confirmable;
+        let non = MessageType::NonConfirmable;
+        let path: (u16, &[u8]) = (11, b"locks");
+        assert_eq!(
+            triage(&message(con, get, &[path, (11, b"a/b")])),
+            Triage::Request {
+                method: RequestType::Get,
+                segments: vec!["locks".into(), "a/b".into()]
+            }
+        );
+        // Regression: a POST unlock with critical option 9 actuated.
+        let refused = triage(&message(con, get, &[path, (9, b"x")]));
+        assert!(
+            matches!(refused, Triage::Refuse(ResponseType::BadOption, _)),
+            "{refused:?}"
+        );
+        assert_eq!(
+            triage(&message(non, get, &[path, (9, b"x")])),
+            Triage::Reject
+        );
+        for option in [1, 5, 13, 2049] {
+            assert!(matches!(
+                triage(&message(con, get, &[(option, b"")])),
+                Triage::Refuse(ResponseType::BadOption, _)
+            ));
+        }
+        // Elective options are ignored; understood critical ones pass.
+        for option in [3, 6, 7, 12, 15, 17, 23, 27, 60, 258] {
+            assert!(
+                matches!(
+                    triage(&message(con, get, &[(option, b"")])),
+                    Triage::Request { .. }
+                ),
+                "option {option}"
+            );
+        }
+        assert!(matches!(
+            triage(&message(con, get, &[(35, b"coap://elsewhere/")])),
+            Triage::Refuse(ResponseType::ProxyingNotSupported, _)
+        ));
+        assert_eq!(
+            triage(&message(con, MessageClass::Empty, &[])),
+            Triage::Ping
+        );
+        assert_eq!(
+            triage(&message(non, MessageClass::Empty, &[])),
+            Triage::Ignore
+        );
+        assert!(matches!(
+            triage(&message(con, MessageClass::Reserved(0x08), &[])),
+            Triage::Refuse(ResponseType::MethodNotAllowed, _)
+        ));
+        assert_eq!(
+            triage(&message(MessageType::Reset, MessageClass::Empty, &[])),
+            Triage::Answer {
+                mid: 7,
+                reset: true
+            }
+        );
+        assert!(matches!(
+            triage(&message(con, get, &[(11, &[0xFF, 0xFE])])),
+            Triage::Refuse(ResponseType::BadRequest, _)
+        ));
+    }
+
+    #[test]
+    fn repeated_commands_are_known_by_message_id_for_their_lifetime() {
+        let mut r = Recent::default();
+        let now = std::time::Instant::now();
+        assert!(r.seen(1, now).is_none());
+        r.remember(1, false, Some(b"answer".to_vec()));
+        r.remember(2, true, None);
+        assert_eq!(r.seen(1, now), Some(Some(&b"answer"[..])));
+        assert_eq!(r.seen(2, now), Some(None));
+        // A non-confirmable message's id is free again after NON_LIFETIME, a confirmable one's
+        // after EXCHANGE_LIFETIME.
+        assert!(
+            r.seen(1, now + NON_LIFETIME + Duration::from_secs(1))
+                .is_none()
+        );
+        assert!(
+            r.seen(2, now + NON_LIFETIME + Duration::from_secs(1))
+                .is_some()
+        );
+        assert!(
+            r.seen(2, now + EXCHANGE_LIFETIME + Duration::from_secs(1))
+                .is_none()
+        );
+        // Bounded however many commands come.
+        let mut r = Recent::default();
+        for mid in 0..10_000u16 {
+            r.remember(mid, true, Some(vec![0; 100]));
+        }
+        assert_eq!(r.entries.len(), RECENT_COMMANDS);
+    }
+
+    #[test]
+    fn block_wise_bodies_are_bounded_in_size_and_number() {
+        let request = |path: &str, block: &[u8], payload: usize| {
+            let mut p = message(
+                MessageType::Confirmable,
+                MessageClass::Request(RequestType::Post),
+                &[(11, path.as_bytes()), (27, block)],
+            );
+            p.payload = vec![b'x'; payload];
+            CoapRequest::from_packet(p, ([127, 0, 0, 1], 1).into())
+        };
+        let mut state = std::collections::HashMap::new();
+        // Block 0 of 16 bytes, more to come: accepted, remembered.
+        assert!(check_block1(&mut request("a", &[0x08], 16), &mut state).is_none());
+        // Block 64 of 16 bytes would go past MAX_BODY.
+        let too_far = check_block1(&mut request("a", &[0x04, 0x08], 16), &mut state);
+        assert_eq!(
+            too_far.map(|r| r.0),
+            Some(ResponseType::RequestEntityTooLarge)
+        );
+        for path in ["b", "c", "d"] {
+            assert!(check_block1(&mut request(path, &[0x08], 16), &mut state).is_none());
+        }
+        let fifth = check_block1(&mut request("e", &[0x08], 16), &mut state);
+        assert_eq!(fifth.map(|r| r.0), Some(ResponseType::ServiceUnavailable));
+        // The last block of one frees its place.
+        assert!(check_block1(&mut request("a", &[0x10], 4), &mut state).is_none());
+        assert!(check_block1(&mut request("e", &[0x08], 16), &mut state).is_none());
+        let reserved = check_block1(&mut request("f", &[0x0F], 16), &mut state);
+        assert_eq!(reserved.map(|r| r.0), Some(ResponseType::BadRequest));
     }
 }

@@ -174,6 +174,21 @@ pub fn unused_roots() -> anyhow::Result<rustls::RootCertStore> {
 }
 
 impl Endpoint {
+    /// Whether the peer may do `action` on `lock` now (its permissions, source and windows).
+    fn may(&self, peer: &coap::Peer, lock: &str, action: crate::command::Action) -> bool {
+        let who = crate::config::Who::now(&peer.identity, Some(peer.source));
+        self.supervisor.config().allows(&who, lock, action)
+    }
+
+    /// Whether the peer may know that `lock` exists: it is configured and the peer may do
+    /// something with it now. A lock it may not see is answered like one that does not exist.
+    fn may_see(&self, peer: &coap::Peer, lock: &str) -> bool {
+        self.supervisor.registry().contains(lock)
+            && crate::command::Action::ALL
+                .into_iter()
+                .any(|a| self.may(peer, lock, a))
+    }
+
     /// The DTLS server configuration for a client offering `suites`: the certificate one when
     /// it offers ECDHE-ECDSA and no PSK suite, else the PSK one. The client's identity (PSK
     /// identity or certificate client) is written into `identity` when it is known.

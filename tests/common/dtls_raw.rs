@@ -414,6 +414,39 @@ impl Session {
         self.raw.socket.send(&r).await.unwrap();
     }
 
+    /// Send `plain` as application data.
+    pub async fn send_app(&mut self, plain: &[u8]) {
+        let r = self.seal(plain);
+        self.raw.socket.send(&r).await.unwrap();
+    }
+
+    /// The application data that arrives until `done` says the plaintexts so far are enough,
+    /// or `limit` passes.
+    pub async fn recv_app_until(
+        &self,
+        limit: Duration,
+        done: impl Fn(&[Vec<u8>]) -> bool,
+    ) -> Vec<Vec<u8>> {
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        let end = tokio::time::Instant::now() + limit;
+        while !done(&out) {
+            match tokio::time::timeout_at(end, self.raw.socket.recv(&mut buf)).await {
+                Ok(Ok(n)) => {
+                    for r in full_records(&[buf[..n].to_vec()]) {
+                        if r[0] == CT_APP_DATA {
+                            if let Some((_, p)) = self.server.open(&r) {
+                                out.push(p);
+                            }
+                        }
+                    }
+                }
+                _ => break,
+            }
+        }
+        out
+    }
+
     /// Send `plain` as application data; the application data that comes back within
     /// `wait`.
     pub async fn exchange(&mut self, plain: &[u8], wait: Duration) -> Option<Vec<u8>> {
