@@ -177,7 +177,7 @@ async fn duplicated_commands_run_once_whatever_their_type_and_rate() {
         .wait_status("lock-1", "connected", Duration::from_secs(20))
         .await;
     let mut s = session(gw.addr, "full", PSK).await;
-    let mut non = request(
+    let non = request(
         MessageType::NonConfirmable,
         MessageClass::Request(RequestType::Post),
         100,
