@@ -282,6 +282,9 @@ pub struct Mqtt {
     /// Home Assistant MQTT discovery.
     pub home_assistant: bool,
     pub discovery_prefix: String,
+    /// Where MQTT 5 response topics may point besides `<root>/responses/`: topic prefixes
+    /// ending in `/`, such as `"app/replies/"`.
+    pub response_prefixes: Vec<String>,
 }
 
 impl Default for Mqtt {
@@ -304,6 +307,7 @@ impl Default for Mqtt {
             reconnect_max_s: 60,
             home_assistant: true,
             discovery_prefix: "homeassistant".into(),
+            response_prefixes: Vec::new(),
         }
     }
 }
@@ -352,6 +356,28 @@ pub enum ClientAuth {
     Psk,
     CertificateCn(String),
     PinnedKey([u8; 32]),
+}
+
+/// Check an MQTT topic name lockbridge publishes or subscribes under: not empty, no wildcard
+/// (`+`, `#`), no NUL, no empty level (`a//b`, a leading or trailing `/`), not starting with
+/// `$` (the broker's own), at most 65,535 bytes.
+pub fn check_topic(topic: &str) -> Result<(), String> {
+    let why = if topic.is_empty() {
+        "must not be empty"
+    } else if topic.len() > 65_535 {
+        "is longer than MQTT allows"
+    } else if topic.contains(['+', '#']) {
+        "must not contain the wildcards + or #"
+    } else if topic.contains('\0') {
+        "must not contain NUL"
+    } else if topic.split('/').any(str::is_empty) {
+        "must not have an empty level (a leading, trailing or double /)"
+    } else if topic.starts_with('$') {
+        "must not start with $ (those topics are the broker's)"
+    } else {
+        return Ok(());
+    };
+    Err(format!("{topic:?} {why}"))
 }
 
 /// Read a file holding a secret, refusing it when group or others may read it.
@@ -833,11 +859,34 @@ impl Config {
                     format!("{:?}: use \"5\" or \"3.1.1\"", m.protocol),
                 ));
             }
-            let root = self.mqtt_root();
-            if root.is_empty() || root.contains(['+', '#']) {
+            if self.mqtt.root.is_empty() {
+                // The root is lockbridge/<gateway.id>: the id is one topic level.
+                check_topic(&self.gateway.id)
+                    .and_then(|()| match self.gateway.id.contains('/') {
+                        true => Err(format!("{:?} must not contain /", self.gateway.id)),
+                        false => Ok(()),
+                    })
+                    .map_err(|e| {
+                        err("gateway.id".into(), format!("{e} (it names the MQTT root)"))
+                    })?;
+            }
+            check_topic(&self.mqtt_root()).map_err(|e| err("mqtt.root".into(), e))?;
+            if m.home_assistant {
+                check_topic(&m.discovery_prefix)
+                    .map_err(|e| err("mqtt.discovery_prefix".into(), e))?;
+            }
+            for (i, p) in m.response_prefixes.iter().enumerate() {
+                let key = format!("mqtt.response_prefixes[{i}]");
+                let Some(levels) = p.strip_suffix('/') else {
+                    return Err(err(key, format!("{p:?} must end with /")));
+                };
+                check_topic(levels).map_err(|e| err(key, e))?;
+            }
+            let client_id = self.mqtt_client_id();
+            if client_id.len() > 65_535 || client_id.contains('\0') {
                 return Err(err(
-                    "mqtt.root".into(),
-                    format!("{root:?}: a topic without wildcards"),
+                    "mqtt.client_id".into(),
+                    "at most 65,535 bytes, without NUL".into(),
                 ));
             }
             if m.keep_alive_s < 5 || m.reconnect_min_ms == 0 || m.reconnect_max_s == 0 {

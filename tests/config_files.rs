@@ -150,3 +150,53 @@ fn check_config_exits_non_zero_with_the_reason() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("chmod 600"), "{err}");
 }
+
+// Regression: `discovery_prefix = "home#"` passed check-config, and the bridge then silently
+// never subscribed. Every key that forms a topic is checked.
+#[test]
+fn every_key_that_forms_an_mqtt_topic_is_checked() {
+    let text = std::fs::read_to_string(etc("lockbridge.toml"))
+        .unwrap()
+        .replace("broker = \"\"", "broker = \"127.0.0.1:1883\"");
+    assert!(load_text(&text, &[]).is_ok());
+    // The example sets every one of these keys: replace its value.
+    let set = |key: &str, value: &str| {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{key} = ")))
+            .map(str::to_string);
+        match line {
+            Some(l) => text.replace(&l, &format!("{key} = {value}")),
+            None => text.replace("[mqtt]\n", &format!("[mqtt]\n{key} = {value}\n")),
+        }
+    };
+    for (bad, key) in [
+        (
+            set("discovery_prefix", "\"home#\""),
+            "mqtt.discovery_prefix",
+        ),
+        (
+            set("discovery_prefix", "\"home/+\""),
+            "mqtt.discovery_prefix",
+        ),
+        (set("root", "\"site//hub\""), "mqtt.root"),
+        (set("root", "\"$SYS/hub\""), "mqtt.root"),
+        (set("root", "\"/hub\""), "mqtt.root"),
+        (
+            set("response_prefixes", "[\"app/replies\"]"),
+            "mqtt.response_prefixes[0]",
+        ),
+        (
+            set("response_prefixes", "[\"app/#/\"]"),
+            "mqtt.response_prefixes[0]",
+        ),
+        (
+            text.replace("id = \"hub-1\"", "id = \"hub/7\""),
+            "gateway.id",
+        ),
+    ] {
+        let err = load_text(&bad, &[]).unwrap_err();
+        assert!(err.contains(key), "expected {key} in: {err}");
+    }
+    assert!(load_text(&set("response_prefixes", "[\"app/replies/\"]"), &[]).is_ok());
+}

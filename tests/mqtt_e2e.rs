@@ -122,7 +122,7 @@ fn commands_in_every_form_get_one_outcome_each() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(dir.path());
     let watch = Watch::start(&broker, dir.path(), "commands");
-    let world = bridged(1, &broker, "");
+    let world = bridged(1, &broker, "response_prefixes = [\"client/\"]");
     let _sim = world.sim();
     let _daemon = world.daemon();
     let set = lock_topic("lock-1", "set");

@@ -98,7 +98,11 @@ pub fn start(
         return Ok(None);
     }
     let root = config.mqtt_root();
-    let topics = Topics::new(&root, &config.mqtt.discovery_prefix);
+    let topics = Topics::new(
+        &root,
+        &config.mqtt.discovery_prefix,
+        &config.mqtt.response_prefixes,
+    );
     // Built once here so that a bad setting stops the daemon at start, with its reason.
     let (client, eventloop) = connection(config, &topics).context("mqtt")?;
     let current = Arc::new(std::sync::Mutex::new(Current { client, task: None }));
@@ -135,7 +139,11 @@ pub fn start(
 /// panic in either ends the other and is passed on to the supervisor.
 async fn run_bridge(shared: Shared, eventloop: Option<EventLoop>) {
     let config = &shared.config;
-    let topics = Topics::new(&config.mqtt_root(), &config.mqtt.discovery_prefix);
+    let topics = Topics::new(
+        &config.mqtt_root(),
+        &config.mqtt.discovery_prefix,
+        &config.mqtt.response_prefixes,
+    );
     let (client, eventloop) = match eventloop {
         Some(e) => {
             let client = shared
@@ -181,6 +189,8 @@ async fn run_bridge(shared: Shared, eventloop: Option<EventLoop>) {
         started: shared.started,
         retained_refused: shared.retained_refused.clone(),
         availability: Default::default(),
+        announced: None,
+        announce_due: None,
     };
     let mut task = tokio::spawn(bridge.run(rx, events));
     let _task = crate::tasks::AbortOnDrop(task.abort_handle());
@@ -204,6 +214,10 @@ async fn run_bridge(shared: Shared, eventloop: Option<EventLoop>) {
 /// The topics of one gateway.
 struct Topics {
     root: String,
+    /// `<root>/responses/`: where MQTT 5 response topics may always point.
+    responses: String,
+    /// Further prefixes the operator allowed for response topics.
+    response_prefixes: Vec<String>,
     status: String,
     events: String,
     metrics: String,
@@ -213,9 +227,11 @@ struct Topics {
 }
 
 impl Topics {
-    fn new(root: &str, discovery_prefix: &str) -> Topics {
+    fn new(root: &str, discovery_prefix: &str, response_prefixes: &[String]) -> Topics {
         Topics {
             root: root.to_string(),
+            responses: format!("{root}/responses/"),
+            response_prefixes: response_prefixes.to_vec(),
             status: format!("{root}/status"),
             events: format!("{root}/events"),
             metrics: format!("{root}/metrics"),
@@ -227,6 +243,15 @@ impl Topics {
 
     fn lock(&self, id: &str, leaf: &str) -> String {
         format!("{}/locks/{id}/{leaf}", self.root)
+    }
+
+    /// Whether an MQTT 5 response topic may be published to: a topic name (no wildcards)
+    /// under `<root>/responses/` or a configured prefix.
+    fn response_allowed(&self, topic: &str) -> bool {
+        crate::config::check_topic(topic).is_ok()
+            && std::iter::once(&self.responses)
+                .chain(&self.response_prefixes)
+                .any(|p| topic.len() > p.len() && topic.starts_with(p.as_str()))
     }
 
     /// The lock a `<root>/locks/<lock>/set` topic names.
@@ -271,7 +296,11 @@ fn connection(config: &Config, topics: &Topics) -> anyhow::Result<(Client, Event
     const QUEUE: usize = 1024;
     if m.protocol == "3.1.1" {
         let mut o = rumqttc::MqttOptions::new(config.mqtt_client_id(), host, port);
-        o.set_keep_alive(keep_alive)
+        // MQTT 3.1.1 cannot tell the broker a limit: anything larger than this ends the
+        // connection, so it is large (rumqttc's default of 10 KiB let any big publish to a
+        // set topic drop the bridge). Brokers should cap it too (docs/mqtt.md).
+        o.set_max_packet_size(MAX_PACKET_V311, MAX_PACKET_V311)
+            .set_keep_alive(keep_alive)
             .set_clean_session(true)
             .set_last_will(rumqttc::LastWill::new(
                 &topics.status,
@@ -290,7 +319,9 @@ fn connection(config: &Config, topics: &Topics) -> anyhow::Result<(Client, Event
         Ok((Client::V311(c), EventLoop::V311(Box::new(e))))
     } else {
         let mut o = rumqttc::v5::MqttOptions::new(config.mqtt_client_id(), host, port);
-        o.set_keep_alive(keep_alive)
+        // Announced in CONNECT: the broker does not send the bridge anything larger.
+        o.set_max_packet_size(Some(MAX_PACKET_V5))
+            .set_keep_alive(keep_alive)
             .set_clean_start(true)
             .set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
                 &topics.status,
@@ -310,6 +341,11 @@ fn connection(config: &Config, topics: &Topics) -> anyhow::Result<(Client, Event
         Ok((Client::V5(c), EventLoop::V5(Box::new(e))))
     }
 }
+
+/// The largest MQTT packet the bridge takes under MQTT 5, announced to the broker.
+const MAX_PACKET_V5: u32 = 1024 * 1024;
+/// The largest under MQTT 3.1.1, which has no way to announce one.
+const MAX_PACKET_V311: usize = 16 * 1024 * 1024;
 
 /// rustls for the broker: its certificate checked against `mqtt.ca` or the system's roots,
 /// and a client certificate when configured.
@@ -350,7 +386,15 @@ struct Task {
     retained_refused: Arc<AtomicU64>,
     /// Availability as last published per lock: it is sent only when it changes.
     availability: std::collections::HashMap<String, &'static str>,
+    /// When discovery was last announced for a Home Assistant birth, and when the next one is
+    /// due (a birth arrived within [`ANNOUNCE_INTERVAL`] of the last announcement).
+    announced: Option<tokio::time::Instant>,
+    announce_due: Option<tokio::time::Instant>,
 }
+
+/// Births of Home Assistant within this of an announcement are answered by one more, at its
+/// end: a flood of `online` costs two announcements, not one per message.
+const ANNOUNCE_INTERVAL: Duration = Duration::from_secs(5);
 
 impl Task {
     async fn run(
@@ -377,6 +421,9 @@ impl Task {
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
                 _ = metrics.tick() => self.publish_metrics(),
+                _ = crate::driver::sleep_until(self.announce_due) => {
+                    self.announce(tokio::time::Instant::now());
+                }
                 _ = retry.tick() => {
                     if self.dirty && self.connected {
                         self.dirty = false;
@@ -485,30 +532,57 @@ impl Task {
     fn on_message(&mut self, m: Message) {
         if m.topic == self.topics.ha_status {
             if m.payload.as_ref() == b"online" {
-                log::info!("mqtt: Home Assistant is online; announcing the locks again");
-                self.publish_discovery();
-                self.publish_all_states();
+                self.home_assistant_online();
             }
             return;
         }
         let Some(lock) = self.topics.set_lock(&m.topic).map(str::to_string) else {
             return;
         };
-        let parsed = payload::parse_set(&m.payload);
+        let oversized = m.payload.len() > payload::MAX_COMMAND_BYTES;
+        let parsed = if oversized {
+            Err(format!(
+                "a command is at most {} bytes; this one has {}",
+                payload::MAX_COMMAND_BYTES,
+                m.payload.len()
+            ))
+        } else {
+            payload::parse_set(&m.payload)
+        };
         let (id, action) = match &parsed {
             Ok(c) => (c.id.clone(), Some(c.action)),
+            Err(_) if oversized => (None, None),
             Err(_) => payload::id_and_action(&m.payload),
         };
-        let refuse = |reason: String| {
-            log::warn!("mqtt: command for {lock} refused: {reason}");
-            Outcome::Denied { reason }
-        };
+        // An MQTT 5 response topic must be the gateway's own or one the operator allowed:
+        // reports never go to another lock's commands, the status or discovery.
+        let m_response_refused = m
+            .response_topic
+            .as_ref()
+            .is_some_and(|t| !self.topics.response_allowed(t));
+        let response_topic = m.response_topic.filter(|t| {
+            let ok = self.topics.response_allowed(t);
+            if !ok {
+                log::warn!(
+                    "mqtt: command for {lock}: response topic {t:?} is not under {} or mqtt.response_prefixes; answered on the result topic only",
+                    self.topics.responses
+                );
+            }
+            ok
+        });
         let early = if m.retain {
             // A retained command would fire again on every reconnect: never execute one.
             self.retained_refused.fetch_add(1, Ordering::Relaxed);
-            Some(refuse(
-                "retained command; publish commands without the retain flag".into(),
-            ))
+            let reason = "retained command; publish commands without the retain flag";
+            log::warn!("mqtt: command for {lock} refused: {reason}");
+            Some(Outcome::Denied {
+                reason: reason.into(),
+            })
+        } else if m_response_refused {
+            Some(Outcome::bad_request(format!(
+                "response topic not allowed: use one under {} or set mqtt.response_prefixes",
+                self.topics.responses
+            )))
         } else {
             match &parsed {
                 Err(e) => {
@@ -521,7 +595,7 @@ impl Task {
         let reply = Reply {
             client: self.client.clone(),
             result_topic: self.topics.lock(&lock, "result"),
-            response_topic: m.response_topic,
+            response_topic,
             correlation: m.correlation,
         };
         if let Some(outcome) = early {
@@ -554,6 +628,26 @@ impl Task {
                 }
             }
         });
+    }
+
+    /// Home Assistant came (back) online: announce discovery and states again — at once, and
+    /// then at most once per [`ANNOUNCE_INTERVAL`] however many births arrive.
+    fn home_assistant_online(&mut self) {
+        let now = tokio::time::Instant::now();
+        match self.announced {
+            Some(at) if now < at + ANNOUNCE_INTERVAL => {
+                self.announce_due = Some(at + ANNOUNCE_INTERVAL);
+            }
+            _ => self.announce(now),
+        }
+    }
+
+    fn announce(&mut self, now: tokio::time::Instant) {
+        log::info!("mqtt: Home Assistant is online; announcing the locks again");
+        self.announced = Some(now);
+        self.announce_due = None;
+        self.publish_discovery();
+        self.publish_all_states();
     }
 
     fn publish_metrics(&mut self) {
@@ -626,7 +720,11 @@ mod tests {
 
     #[test]
     fn set_topics_name_one_lock() {
-        let t = Topics::new("lockbridge/hub-1", "homeassistant");
+        let t = Topics::new(
+            "lockbridge/hub-1",
+            "homeassistant",
+            &["app/replies/".into()],
+        );
         assert_eq!(
             t.set_lock("lockbridge/hub-1/locks/front/set"),
             Some("front")
@@ -639,5 +737,19 @@ mod tests {
             t.lock("front", "result"),
             "lockbridge/hub-1/locks/front/result"
         );
+        // Response topics: the gateway's own space or a configured prefix, nothing else.
+        assert!(t.response_allowed("lockbridge/hub-1/responses/app-7"));
+        assert!(t.response_allowed("app/replies/x"));
+        for refused in [
+            "lockbridge/hub-1/status",
+            "lockbridge/hub-1/locks/back/set",
+            "homeassistant/lock/x/config",
+            "lockbridge/hub-1/responses/",
+            "lockbridge/hub-1/responses/#",
+            "app/replies/+",
+            "app/repliesX",
+        ] {
+            assert!(!t.response_allowed(refused), "{refused}");
+        }
     }
 }

@@ -30,6 +30,10 @@ struct JsonCommand {
     ttl_s: Option<u64>,
 }
 
+/// The longest command payload taken; a longer one is refused with a result (a command is a
+/// hundred bytes or so).
+pub const MAX_COMMAND_BYTES: usize = 1024;
+
 /// Parse a command: JSON `{"action","mode","id","ttl_s"}` or Home Assistant's plain
 /// `LOCK`, `UNLOCK` and `OPEN` (pull the latch). The error says what is wrong.
 pub fn parse_set(payload: &[u8]) -> Result<SetCommand, String> {
@@ -128,9 +132,20 @@ pub struct Discovery<'a> {
     pub open: bool,
 }
 
-/// The gateway's own device, which every lock names as `via_device`.
+/// The gateway's own device, which every lock names as `via_device`. Home Assistant takes
+/// only letters, digits, `_` and `-` in the node id of a discovery topic.
 fn gateway_device_id(gateway: &str) -> String {
-    format!("lockbridge_{gateway}")
+    let id: String = gateway
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("lockbridge_{id}")
 }
 
 /// Discovery documents for one lock: (topic, retained payload) for the lock entity and its

@@ -111,11 +111,22 @@ impl Watch {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(200));
-        Watch {
+        let watch = Watch {
             _proc: Proc(child),
             path,
+        };
+        // Subscribed once a probe published now comes back (no fixed wait).
+        let probe = format!("lockbridge-test/probe/{name}");
+        let t = Instant::now();
+        while !watch.all().iter().any(|m| m.topic == probe) {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "mosquitto_sub never subscribed"
+            );
+            broker.publish(&probe, "probe", &[]);
+            std::thread::sleep(Duration::from_millis(50));
         }
+        watch
     }
 
     pub fn all(&self) -> Vec<Msg> {
