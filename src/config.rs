@@ -617,6 +617,13 @@ pub struct LockEntry {
     /// On-demand: refresh state and battery this often.
     #[serde(default = "refresh")]
     pub refresh_s: u64,
+    /// The lock has a pull spring (a latch it can pull): Home Assistant offers Open for it.
+    #[serde(default)]
+    pub pull_spring: bool,
+    /// On-demand: listen for the lock's advertisement this often between uses, so that its
+    /// availability says whether it can be reached; 0 = never.
+    #[serde(default = "presence")]
+    pub presence_s: u64,
 }
 
 fn persistent() -> LinkPolicy {
@@ -630,6 +637,9 @@ fn idle() -> u64 {
 }
 fn refresh() -> u64 {
     600
+}
+fn presence() -> u64 {
+    60
 }
 
 /// A configuration error: which key and why.

@@ -39,6 +39,9 @@ pub trait Connector: Send + Sync + 'static {
         serial: &str,
         att_mtu: u16,
     ) -> impl Future<Output = Result<Self::Link, LinkError>> + Send;
+
+    /// Whether the lock is on the air now — its advertisement is heard — without connecting.
+    fn probe(&self, serial: &str) -> impl Future<Output = Result<(), LinkError>> + Send;
 }
 
 pub struct SimConnector {
@@ -49,6 +52,10 @@ impl Connector for SimConnector {
     type Link = SimLink;
     async fn connect(&self, serial: &str, att_mtu: u16) -> Result<SimLink, LinkError> {
         SimLink::connect(&self.addr, serial, att_mtu).await
+    }
+
+    async fn probe(&self, serial: &str) -> Result<(), LinkError> {
+        crate::link::sim::probe(&self.addr, serial).await
     }
 }
 
@@ -120,6 +127,10 @@ pub struct Session<C: Connector> {
     readback: Option<(Job, Instant, String)>,
     backoff: Duration,
     next_refresh: Instant,
+    /// Why an on-demand lock between uses is thought unreachable (its last presence probe
+    /// failed); `None` while it is heard.
+    absent: Option<String>,
+    next_probe: Instant,
 }
 
 impl<C: Connector> Session<C> {
@@ -141,6 +152,8 @@ impl<C: Connector> Session<C> {
             readback: None,
             backoff: BACKOFF_MIN,
             next_refresh: now(),
+            absent: None,
+            next_probe: now(),
         }
     }
 
@@ -258,14 +271,21 @@ impl<C: Connector> Session<C> {
                 || self.readback.is_some()
                 || now() >= self.next_refresh;
             if !need {
-                self.status(LinkStatus::Idle, None);
+                match self.absent.clone() {
+                    None => self.status(LinkStatus::Idle, None),
+                    Some(why) => self.status(LinkStatus::Unreachable, Some(why)),
+                }
                 let refresh = tokio::time::Instant::from_std(self.next_refresh);
+                let probe = self
+                    .probes()
+                    .then(|| tokio::time::Instant::from_std(self.next_probe));
                 tokio::select! {
                     job = self.jobs.recv() => match job {
                         Some(job) => self.pending.push_back(job),
                         None => break,
                     },
                     _ = tokio::time::sleep_until(refresh) => {}
+                    _ = sleep_until(probe) => self.probe().await,
                     _ = self.stop.changed() => {}
                     _ = tokio::time::sleep(TICK) => {}
                 }
@@ -297,6 +317,7 @@ impl<C: Connector> Session<C> {
             self.status(LinkStatus::Connecting, None);
             match self.connect().await {
                 Ok(driver) => {
+                    self.absent = None;
                     self.backoff = BACKOFF_MIN;
                     self.cert_retry_used = false;
                     self.serve(driver, guard).await;
@@ -309,6 +330,40 @@ impl<C: Connector> Session<C> {
         }
         self.fail_pending("shutting-down");
         self.status(LinkStatus::Stopped, None);
+    }
+
+    /// An on-demand lock between uses is listened for, so that its availability says whether
+    /// it can be reached (`presence_s`; 0 turns it off).
+    fn probes(&self) -> bool {
+        self.p.entry.link == LinkPolicy::OnDemand && self.p.entry.presence_s > 0
+    }
+
+    /// Is the lock on the air? Not connecting: a scan for its advertisement.
+    async fn probe(&mut self) {
+        self.next_probe = now() + Duration::from_secs(self.p.entry.presence_s);
+        let serial = self.p.entry.serial.clone();
+        let heard = tokio::time::timeout(self.p.connect_timeout, self.connector.probe(&serial))
+            .await
+            .unwrap_or_else(|_| {
+                Err(LinkError::Disconnected {
+                    reason: "no answer to the presence probe".into(),
+                })
+            });
+        match heard {
+            Ok(()) => {
+                if self.absent.take().is_some() {
+                    log::info!(LOCK_ID = self.id(); "lock {}: on the air again", self.id());
+                }
+            }
+            Err(e) => {
+                if self.absent.is_none() {
+                    log::warn!(LOCK_ID = self.id(); "lock {}: not on the air ({e}); it shows unavailable until it is heard again",
+                        self.id()
+                    );
+                }
+                self.absent = Some(format!("not on the air: {e}"));
+            }
+        }
     }
 
     async fn on_connect_error(&mut self, e: ConnectError) {

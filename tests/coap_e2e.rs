@@ -64,13 +64,6 @@ impl Coap {
     }
 }
 
-/// Wait until `lock`'s session is up and its state known (as `lockbridge local` shows it).
-fn wait_connected(world: &World, lock: &str) {
-    tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(world.wait_status(lock, "connected", Duration::from_secs(30)));
-}
-
 /// A datagram that looks like a ClientHello and is never followed up.
 fn silent_client_hello(to: u16) -> UdpSocket {
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -88,7 +81,8 @@ fn silent_client_hello(to: u16) -> UdpSocket {
 fn resources_and_commands_work_for_an_independent_client() {
     let (c, _sim, _daemon) = coap_world("");
     // Regression (a flake): /locks was asked before the session was up and said null.
-    wait_connected(&c.world, "lock-1");
+    c.world
+        .wait_status_blocking("lock-1", "connected", Duration::from_secs(30));
     let locks = c.get_json("full", PSK, "/locks");
     assert_eq!(locks[0]["id"], "lock-1");
     assert_eq!(locks[0]["state"], "locked");

@@ -444,6 +444,14 @@ fn home_assistant_discovery_matches_its_schemas_and_is_announced_again() {
         "allow = [\"lock\", \"unlock\", \"pull\"]",
         |sim| common::set_lock(sim, 0, "pull_spring", toml::Value::Boolean(true)),
     );
+    // lock-1 has a pull spring, and the gateway is told so.
+    world.edit_daemon_config(|t| {
+        t.replacen(
+            "id = \"lock-1\"\n",
+            "id = \"lock-1\"\npull_spring = true\n",
+            1,
+        )
+    });
     let _sim = world.sim();
     let _daemon = world.daemon();
     let lock_config = "homeassistant/lock/lockbridge_demo/lock-1/config";
@@ -489,10 +497,15 @@ fn home_assistant_discovery_matches_its_schemas_and_is_announced_again() {
         assert_eq!(l["state_topic"], lock_topic(lock, "state"));
         assert_eq!(l["payload_lock"], "LOCK");
         assert_eq!(l["payload_unlock"], "UNLOCK");
-        assert_eq!(
-            l["payload_open"], "OPEN",
-            "pull is allowed, so OPEN is offered"
-        );
+        if lock == "lock-1" {
+            assert_eq!(l["payload_open"], "OPEN", "a pull spring, and pull allowed");
+        } else {
+            assert!(
+                l.get("payload_open").is_none(),
+                "no pull spring, no Open: {l}"
+            );
+        }
+        assert_eq!(l["origin"]["name"], "lockbridge");
         assert_eq!(l["availability_mode"], "all");
         let topics: Vec<&str> = l["availability"]
             .as_array()
@@ -512,6 +525,15 @@ fn home_assistant_discovery_matches_its_schemas_and_is_announced_again() {
         ] {
             let s = find("sensor", &object);
             check_keys(&object, &s, SENSOR_KEYS);
+            // Regression: `"name": null` named every sensor after the device ("lock-1",
+            // sensor.lock_1_2), and a device block without its name made Home Assistant log
+            // "MQTT device information always needs to include a name".
+            assert!(
+                s.get("name").is_none(),
+                "{object}: named by its device class"
+            );
+            assert_eq!(s["device"], l["device"], "{object}: the whole device block");
+            assert_eq!(s["device"]["name"], lock);
             assert_eq!(s["device_class"], class);
             assert_eq!(s["unit_of_measurement"], unit);
             assert_eq!(s["state_class"], "measurement");
@@ -521,7 +543,6 @@ fn home_assistant_discovery_matches_its_schemas_and_is_announced_again() {
                 state.as_object().unwrap().contains_key(field),
                 "the state has {field}"
             );
-            assert_eq!(s["device"]["identifiers"], l["device"]["identifiers"]);
         }
     }
 
@@ -533,7 +554,8 @@ fn home_assistant_discovery_matches_its_schemas_and_is_announced_again() {
         announced(&watch) == 2
     });
 
-    // OPEN pulls the latch (of an unlocked lock).
+    // Home Assistant's Open, Unlock and Open again. Regression: Open was a pull, which a
+    // locked lock refuses (`failed: error`); Unlock pulled the latch too.
     let result = lock_topic("lock-1", "result");
     let done = |action: &'static str| {
         let result = result.clone();
@@ -541,21 +563,54 @@ fn home_assistant_discovery_matches_its_schemas_and_is_announced_again() {
             m.topic == result && m.json()["step"] == "done" && m.json()["action"] == action
         }
     };
-    broker.publish(&lock_topic("lock-1", "set"), "UNLOCK", &[]);
-    let unlocked = watch.wait(
-        "the UNLOCK outcome",
-        Duration::from_secs(15),
-        done("unlock"),
-    );
-    assert_eq!(unlocked.json()["outcome"]["status"], "success");
-    broker.publish(&lock_topic("lock-1", "set"), "OPEN", &[]);
-    let pulled = watch.wait("the OPEN outcome", Duration::from_secs(15), done("pull"));
+    let success = |m: Msg| assert_eq!(m.json()["outcome"]["status"], "success", "{}", m.payload);
+    let set = lock_topic("lock-1", "set");
+    // Locked: Open unlocks, and the lock pulls the latch on its way.
+    broker.publish(&set, "OPEN", &[]);
+    success(watch.wait("OPEN from locked", Duration::from_secs(15), done("unlock")));
+    broker.publish(&set, "LOCK", &[]);
+    success(watch.wait("LOCK", Duration::from_secs(15), done("lock")));
+    broker.publish(&set, "UNLOCK", &[]);
+    let unlocks = |w: &Watch| w.all().iter().filter(|m| done("unlock")(m)).count();
+    watch.wait("UNLOCK", Duration::from_secs(15), |_| unlocks(&watch) == 2);
+    // Unlocked: Open pulls.
+    broker.publish(&set, "OPEN", &[]);
+    success(watch.wait("OPEN from unlocked", Duration::from_secs(15), done("pull")));
+    let acts: Vec<(String, u64)> = world
+        .actuations()
+        .iter()
+        .map(|a| {
+            (
+                a["command"].as_str().unwrap().to_string(),
+                a["mode"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, u64)> = [
+        ("unlock", 0),
+        ("lock", 0),
+        ("unlock", 3),
+        ("pull_spring", 0),
+    ]
+    .iter()
+    .map(|(c, m)| (c.to_string(), *m))
+    .collect();
     assert_eq!(
-        pulled.json()["outcome"]["status"],
-        "success",
-        "{}",
-        pulled.payload
+        acts, expected,
+        "Open unlocks with the pull, Unlock without it"
     );
+    // A lock without a pull spring has no Open to give.
+    broker.publish(&lock_topic("lock-2", "set"), "OPEN", &[]);
+    let refused = watch.wait("OPEN on lock-2", Duration::from_secs(15), |m| {
+        m.topic == lock_topic("lock-2", "result") && m.json()["step"] == "done"
+    });
+    assert_eq!(
+        refused.json()["outcome"]["reason"],
+        "bad-request",
+        "{}",
+        refused.payload
+    );
+    assert_eq!(world.actuations().len(), 4);
 }
 
 #[test]
@@ -756,4 +811,56 @@ fn the_demo_runs_its_own_broker_or_points_at_one() {
     // Without --mqtt the summary has no broker (setup-only runs nothing).
     let plain = World::new(1, |_| {});
     assert!(plain.summary.get("mqtt").is_none(), "{}", plain.summary);
+}
+
+// Regression: an on-demand lock stayed available with its BLE side gone until a command to
+// it failed. Between uses it is now listened for, and its availability follows.
+#[test]
+fn an_on_demand_lock_s_availability_follows_whether_it_is_on_the_air() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let watch = Watch::start(&broker, dir.path(), "presence");
+    let world = bridged(2, &broker, "");
+    // lock-2 is on demand; listen for it every second, and let its link go after 1 s.
+    world.edit_daemon_config(|t| {
+        let more = "presence_s = 1\nidle_disconnect_s = 1\n";
+        t.replacen("id = \"lock-2\"\n", &format!("id = \"lock-2\"\n{more}"), 1)
+    });
+    let mut sim = world.sim();
+    let _daemon = world.daemon();
+    let availability = lock_topic("lock-2", "availability");
+    let count = |payload: &str| {
+        watch
+            .all()
+            .iter()
+            .filter(|m| m.topic == availability && m.payload == payload)
+            .count()
+    };
+    watch.wait("lock-2 online", Duration::from_secs(20), |_| {
+        count("online") >= 1
+    });
+    // The lock's side goes away while lock-2 is idle.
+    world.wait_status_blocking("lock-2", "idle", Duration::from_secs(30));
+    drop(sim);
+    watch.wait("lock-2 offline", Duration::from_secs(20), |_| {
+        count("offline") >= 1
+    });
+    let state = watch
+        .wait("lock-2's state says why", Duration::from_secs(5), |m| {
+            m.topic == lock_topic("lock-2", "state") && m.json()["available"] == false
+        })
+        .json();
+    assert!(
+        state["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("not on the air"),
+        "{state}"
+    );
+    // Back on the air: available again, without a command.
+    sim = world.sim();
+    watch.wait("lock-2 online again", Duration::from_secs(20), |_| {
+        count("online") >= 2
+    });
+    drop(sim);
 }

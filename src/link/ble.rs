@@ -280,8 +280,44 @@ async fn lock_chars(device: &Device) -> Result<LockChars, LinkError> {
     })
 }
 
+/// How long a presence probe listens for the lock's advertisement (Tedee locks advertise
+/// several times a second).
+const PROBE_WINDOW: Duration = Duration::from_secs(5);
+
 impl crate::session::Connector for BleConnector {
     type Link = BleLink;
+
+    /// The lock is present when BlueZ reports its signal during a short LE scan (BlueZ keeps
+    /// a device's RSSI only while it is being heard), or it is connected.
+    async fn probe(&self, serial: &str) -> Result<(), LinkError> {
+        let adapter = self.adapter().await?;
+        let device = self.find(&adapter, serial).await?;
+        if device.is_connected().await.unwrap_or(false) {
+            return Ok(());
+        }
+        let events = adapter
+            .discover_devices()
+            .await
+            .map_err(ble("starting discovery"))?;
+        let mut events = Box::pin(events);
+        let heard = async {
+            loop {
+                if device.rssi().await.ok().flatten().is_some() {
+                    return;
+                }
+                // Any adapter event (a device seen, a property changed) is a moment to look.
+                if events.next().await.is_none() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::time::timeout(PROBE_WINDOW, heard)
+            .await
+            .map_err(|_| LinkError::NotFound {
+                serial: serial.to_string(),
+                uuid: format!("no advertisement within {PROBE_WINDOW:?}"),
+            })
+    }
 
     async fn connect(&self, serial: &str, att_mtu: u16) -> Result<BleLink, LinkError> {
         let adapter = self.adapter().await?;

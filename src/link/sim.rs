@@ -25,6 +25,44 @@ pub struct SimLink {
     closed: bool,
 }
 
+/// Open a stream to the simulator.
+async fn open(addr: &ListenAddr) -> Result<Box<dyn Stream>, LinkError> {
+    Ok(match addr {
+        ListenAddr::Unix(p) => Box::new(UnixStream::connect(p).await?),
+        ListenAddr::Tcp(a) => {
+            let s = TcpStream::connect(a).await?;
+            s.set_nodelay(true)?;
+            Box::new(s)
+        }
+    })
+}
+
+/// Whether the simulator's lock `serial` is on the air: what a BLE scan for its advertisement
+/// would say, without connecting (PROBE, docs/sim-socket.md).
+pub async fn probe(addr: &ListenAddr, serial: &str) -> Result<(), LinkError> {
+    let mut stream = open(addr).await?;
+    write_msg(
+        &mut stream,
+        &SimMsg::Probe {
+            serial: serial.to_string(),
+        },
+    )
+    .await?;
+    match read_msg(&mut stream).await? {
+        Some(SimMsg::Seen) => Ok(()),
+        Some(SimMsg::Refused { reason }) => Err(LinkError::Refused {
+            serial: serial.to_string(),
+            reason: match reason {
+                wire::REFUSED_UNKNOWN_LOCK => "unknown lock",
+                _ => "not advertising (out of range or restarting)",
+            },
+        }),
+        _ => Err(LinkError::Disconnected {
+            reason: "unexpected reply to PROBE".into(),
+        }),
+    }
+}
+
 impl SimLink {
     /// Connect to `serial` at the simulator, request `att_mtu`, and subscribe to the three
     /// characteristics the client listens on (spec §1: before hello).
@@ -33,14 +71,7 @@ impl SimLink {
         serial: &str,
         att_mtu: u16,
     ) -> Result<SimLink, LinkError> {
-        let stream: Box<dyn Stream> = match addr {
-            ListenAddr::Unix(p) => Box::new(UnixStream::connect(p).await?),
-            ListenAddr::Tcp(a) => {
-                let s = TcpStream::connect(a).await?;
-                s.set_nodelay(true)?;
-                Box::new(s)
-            }
-        };
+        let stream = open(addr).await?;
         let (mut reader, writer) = tokio::io::split(stream);
         let (tx, incoming) = mpsc::unbounded_channel();
         tokio::spawn(async move {

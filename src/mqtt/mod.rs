@@ -489,11 +489,12 @@ impl Task {
             prefix: &self.topics.discovery_prefix,
             root: &self.topics.root,
             gateway: &config.gateway.id,
+            version: env!("CARGO_PKG_VERSION"),
             open: false,
         };
-        let mut docs = vec![payload::gateway_discovery(&d, env!("CARGO_PKG_VERSION"))];
+        let mut docs = vec![payload::gateway_discovery(&d)];
         for view in self.supervisor.registry().all() {
-            d.open = may_pull(&config, &view.id);
+            d.open = has_pull_spring(&config, &view.id) && may_pull(&config, &view.id);
             docs.extend(payload::discovery(&d, &view));
         }
         for (topic, doc) in docs {
@@ -609,7 +610,27 @@ impl Task {
             tokio::spawn(async move { reply.send(&report).await });
             return;
         }
-        let Ok(cmd) = parsed else { return };
+        let Ok(mut cmd) = parsed else { return };
+        if cmd.open {
+            let config = self.supervisor.config();
+            if !has_pull_spring(config, &lock) {
+                let report = Report {
+                    id: cmd.id.unwrap_or_else(|| "-".into()),
+                    lock: lock.clone(),
+                    action: crate::command::Action::Pull,
+                    step: Step::Done {
+                        outcome: Outcome::bad_request(format!(
+                            "{lock} has no pull spring to open; set pull_spring = true in its [[locks]] entry if it has one"
+                        )),
+                    },
+                    repeated: false,
+                };
+                tokio::spawn(async move { reply.send(&report).await });
+                return;
+            }
+            let state = self.supervisor.registry().get(&lock).and_then(|v| v.state);
+            (cmd.action, cmd.mode) = payload::open(state);
+        }
         let mut reports = self.supervisor.submit(Request {
             id: cmd.id,
             lock,
@@ -675,6 +696,11 @@ impl Task {
             doc.to_string().into_bytes(),
         );
     }
+}
+
+/// Whether `lock` is configured with a pull spring (`pull_spring = true`).
+fn has_pull_spring(config: &Config, lock: &str) -> bool {
+    config.locks.iter().any(|l| l.id == lock && l.pull_spring)
 }
 
 /// Whether the MQTT origin may pull `lock` (Home Assistant then offers OPEN).

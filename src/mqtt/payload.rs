@@ -16,6 +16,20 @@ pub struct SetCommand {
     pub mode: Mode,
     pub id: Option<String>,
     pub ttl: Option<Duration>,
+    /// Home Assistant's `OPEN`: unlock and pull when locked, pull when unlocked. The bridge
+    /// picks the action from the lock's state ([`open`]); `action` is `Unlock` until then.
+    pub open: bool,
+}
+
+/// What Home Assistant's `OPEN` does to a lock with a pull spring in `state`: an unlock of a
+/// locked (or part-way) lock pulls the latch when it gets there (spec §5.2); an unlocked one is
+/// pulled. An unknown state is treated as locked: unlocking an unlocked lock with a pull
+/// spring pulls it too.
+pub fn open(state: Option<crate::ptls::api::LockState>) -> (Action, Mode) {
+    match state {
+        Some(crate::ptls::api::LockState::Unlocked) => (Action::Pull, Mode::Normal),
+        _ => (Action::Unlock, Mode::Normal),
+    }
 }
 
 #[derive(Deserialize)]
@@ -35,22 +49,25 @@ struct JsonCommand {
 pub const MAX_COMMAND_BYTES: usize = 1024;
 
 /// Parse a command: JSON `{"action","mode","id","ttl_s"}` or Home Assistant's plain
-/// `LOCK`, `UNLOCK` and `OPEN` (pull the latch). The error says what is wrong.
+/// `LOCK`, `UNLOCK` (without pulling the latch) and `OPEN` (see [`open`]). The error says what
+/// is wrong.
 pub fn parse_set(payload: &[u8]) -> Result<SetCommand, String> {
     let text = std::str::from_utf8(payload).map_err(|_| "the payload is not UTF-8".to_string())?;
     let text = text.trim();
     let plain = match text.to_ascii_uppercase().as_str() {
-        "LOCK" => Some(Action::Lock),
-        "UNLOCK" => Some(Action::Unlock),
-        "OPEN" => Some(Action::Pull),
+        "LOCK" => Some((Action::Lock, Mode::Normal, false)),
+        // Home Assistant's Unlock never pulls the latch: that is its Open.
+        "UNLOCK" => Some((Action::Unlock, Mode::WithoutPull, false)),
+        "OPEN" => Some((Action::Unlock, Mode::Normal, true)),
         _ => None,
     };
-    if let Some(action) = plain {
+    if let Some((action, mode, open)) = plain {
         return Ok(SetCommand {
             action,
-            mode: Mode::Normal,
+            mode,
             id: None,
             ttl: None,
+            open,
         });
     }
     if !text.starts_with('{') {
@@ -74,6 +91,7 @@ pub fn parse_set(payload: &[u8]) -> Result<SetCommand, String> {
         mode,
         id: c.id,
         ttl,
+        open: false,
     })
 }
 
@@ -128,7 +146,8 @@ pub struct Discovery<'a> {
     pub prefix: &'a str,
     pub root: &'a str,
     pub gateway: &'a str,
-    /// Offer `OPEN` (pull the latch): the MQTT origin may pull this lock.
+    pub version: &'a str,
+    /// Offer `OPEN`: the lock has a pull spring and the MQTT origin may pull it.
     pub open: bool,
 }
 
@@ -148,8 +167,18 @@ fn gateway_device_id(gateway: &str) -> String {
     format!("lockbridge_{id}")
 }
 
+/// Who published a discovery document (Home Assistant logs and shows it).
+fn origin(version: &str) -> Value {
+    json!({
+        "name": "lockbridge",
+        "sw_version": version,
+    })
+}
+
 /// Discovery documents for one lock: (topic, retained payload) for the lock entity and its
-/// battery and signal-strength sensors.
+/// battery and signal-strength sensors. The lock is the device's main feature (named after
+/// the device); the sensors are named by Home Assistant after their device class ("Battery",
+/// "Signal strength"). Every document carries the whole device block, name included.
 pub fn discovery(d: &Discovery, view: &LockView) -> Vec<(String, Value)> {
     let node = gateway_device_id(d.gateway);
     let object = view.id.replace('.', "_");
@@ -172,6 +201,7 @@ pub fn discovery(d: &Discovery, view: &LockView) -> Vec<(String, Value)> {
         "name": null,
         "unique_id": format!("{node}_{object}_lock"),
         "device": device,
+        "origin": origin(d.version),
         "availability": availability,
         "availability_mode": "all",
         "command_topic": format!("{lock_topic}/set"),
@@ -196,9 +226,9 @@ pub fn discovery(d: &Discovery, view: &LockView) -> Vec<(String, Value)> {
     }
     let sensor = |kind: &str, class: &str, unit: &str, field: &str| {
         json!({
-            "name": null,
             "unique_id": format!("{node}_{object}_{kind}"),
-            "device": {"identifiers": [format!("{node}_{object}")]},
+            "device": device,
+            "origin": origin(d.version),
             "availability": availability,
             "availability_mode": "all",
             "state_topic": state_topic,
@@ -222,21 +252,22 @@ pub fn discovery(d: &Discovery, view: &LockView) -> Vec<(String, Value)> {
     ]
 }
 
-/// The gateway's device and its connectivity sensor (from `<root>/status`).
-pub fn gateway_discovery(d: &Discovery, version: &str) -> (String, Value) {
+/// The gateway's device and its connectivity sensor (from `<root>/status`), named after its
+/// device class ("Connectivity").
+pub fn gateway_discovery(d: &Discovery) -> (String, Value) {
     let node = gateway_device_id(d.gateway);
     (
         format!("{}/binary_sensor/{node}/status/config", d.prefix),
         json!({
-            "name": null,
             "unique_id": format!("{node}_status"),
             "device": {
                 "identifiers": [node],
                 "name": format!("lockbridge {}", d.gateway),
                 "manufacturer": "lockbridge",
                 "model": "Gateway",
-                "sw_version": version,
+                "sw_version": d.version,
             },
+            "origin": origin(d.version),
             "state_topic": format!("{}/status", d.root),
             "payload_on": "online",
             "payload_off": "offline",
@@ -252,12 +283,34 @@ const LOCK_STATE_TEMPLATE: &str = "{% if value_json.jammed %}JAMMED{% else %}{{ 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ptls::api::LockState;
+
+    fn open_action(state: Option<LockState>) -> (Action, Mode) {
+        open(state)
+    }
 
     #[test]
     fn plain_and_json_commands_parse() {
         assert_eq!(parse_set(b"LOCK").unwrap().action, Action::Lock);
         assert_eq!(parse_set(b"unlock\n").unwrap().action, Action::Unlock);
-        assert_eq!(parse_set(b"OPEN").unwrap().action, Action::Pull);
+        let open = parse_set(b"OPEN").unwrap();
+        assert!(open.open && open.action == Action::Unlock);
+        assert_eq!(parse_set(b"UNLOCK").unwrap().mode, Mode::WithoutPull);
+        assert_eq!(
+            parse_set(br#"{"action":"unlock"}"#).unwrap().mode,
+            Mode::Normal
+        );
+        assert_eq!(
+            open_action(Some(LockState::Unlocked)),
+            (Action::Pull, Mode::Normal)
+        );
+        for locked in [
+            None,
+            Some(LockState::Locked),
+            Some(LockState::PartiallyUnlocked),
+        ] {
+            assert_eq!(open_action(locked), (Action::Unlock, Mode::Normal));
+        }
         let c = parse_set(br#"{"action":"unlock","mode":"force","id":"a-1","ttl_s":30}"#).unwrap();
         assert_eq!(
             c,
@@ -266,6 +319,7 @@ mod tests {
                 mode: Mode::Force,
                 id: Some("a-1".into()),
                 ttl: Some(Duration::from_secs(30)),
+                open: false,
             }
         );
         let c = parse_set(br#"{"action":"lock"}"#).unwrap();

@@ -285,6 +285,18 @@ impl World {
                 };
                 let _ = sock.tx.send(reply);
             }
+            SimMsg::Probe { serial } => {
+                let reply = match self.locks.get(&serial) {
+                    None => SimMsg::Refused {
+                        reason: Refusal::UnknownLock as u8,
+                    },
+                    Some(lock) if lock.on_air(now) => SimMsg::Seen,
+                    Some(_) => SimMsg::Refused {
+                        reason: Refusal::Busy as u8,
+                    },
+                };
+                let _ = sock.tx.send(reply);
+            }
             SimMsg::Subscribe { channel, on } => {
                 if let Some((serial, conn)) = &sock.binding {
                     if let Some(lock) = self.locks.get_mut(serial) {
@@ -321,6 +333,7 @@ impl World {
             | SimMsg::Refused { .. }
             | SimMsg::WriteAck { .. }
             | SimMsg::Subscribed { .. }
+            | SimMsg::Seen
             | SimMsg::Value { .. } => {}
         }
     }

@@ -13,6 +13,8 @@ use crate::ptls::wire::{Malformed, Reader, malformed};
 pub const CONNECT: u8 = 0x01;
 pub const CONNECTED: u8 = 0x02;
 pub const REFUSED: u8 = 0x03;
+pub const PROBE: u8 = 0x04;
+pub const SEEN: u8 = 0x05;
 pub const WRITE: u8 = 0x10;
 pub const WRITE_ACK: u8 = 0x11;
 pub const SUBSCRIBE: u8 = 0x12;
@@ -42,6 +44,12 @@ pub enum SimMsg {
     Refused {
         reason: u8,
     },
+    /// Is the lock on the air? The advertisement a scan would see, without a connection.
+    Probe {
+        serial: String,
+    },
+    /// The lock advertises (answers PROBE; REFUSED says it does not).
+    Seen,
     Write {
         channel: Channel,
         with_response: bool,
@@ -76,6 +84,8 @@ impl SimMsg {
             }
             SimMsg::Connected { att_mtu } => (CONNECTED, att_mtu.to_be_bytes().to_vec()),
             SimMsg::Refused { reason } => (REFUSED, vec![*reason]),
+            SimMsg::Probe { serial } => (PROBE, serial.as_bytes().to_vec()),
+            SimMsg::Seen => (SEEN, Vec::new()),
             SimMsg::Write {
                 channel,
                 with_response,
@@ -127,6 +137,12 @@ impl SimMsg {
             }
             CONNECTED => SimMsg::Connected { att_mtu: r.u16()? },
             REFUSED => SimMsg::Refused { reason: r.u8()? },
+            PROBE => SimMsg::Probe {
+                serial: std::str::from_utf8(r.rest())
+                    .map_err(|_| malformed("sim socket serial"))?
+                    .to_string(),
+            },
+            SEEN => SimMsg::Seen,
             WRITE => {
                 let channel = channel(&mut r)?;
                 let with_response = flag(&mut r)?;

@@ -320,6 +320,13 @@ impl World {
         c.line().await.unwrap().as_array().unwrap().clone()
     }
 
+    /// [`World::wait_status`] for tests without a runtime of their own.
+    pub fn wait_status_blocking(&self, lock: &str, status: &str, limit: Duration) {
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(self.wait_status(lock, status, limit));
+    }
+
     pub async fn wait_status(&self, lock: &str, status: &str, limit: Duration) {
         let t = Instant::now();
         loop {
