@@ -274,7 +274,7 @@ impl Lock {
     /// A client connects, asking for `att_mtu`. Returns the connection and the negotiated MTU.
     /// Whether the lock advertises now (a rebooting lock is off the air).
     pub fn on_air(&self, now: Instant) -> bool {
-        !self.offline_until.is_some_and(|t| now < t)
+        self.offline_until.is_none_or(|t| now >= t)
     }
 
     pub fn connect(&mut self, now: Instant, att_mtu: u16) -> Result<(ConnId, u16), Refusal> {
