@@ -380,21 +380,13 @@ pub fn check_topic(topic: &str) -> Result<(), String> {
     Err(format!("{topic:?} {why}"))
 }
 
-/// Read a file holding a secret, refusing it when group or others may read it.
+/// Read a file holding a secret (a PSK, a password, a private key) as text, through
+/// [`crate::keys::read_secret`]: a regular file, the running user's own, mode 0600 or 0400.
 pub fn read_private(path: &Path) -> Result<zeroize::Zeroizing<String>, String> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "{}: mode {mode:04o} lets group or others read the key; fix with `chmod 600 {}`",
-            path.display(),
-            path.display()
-        ));
-    }
-    std::fs::read_to_string(path)
-        .map(zeroize::Zeroizing::new)
-        .map_err(|e| format!("{}: {e}", path.display()))
+    let bytes = crate::keys::read_secret(path).map_err(|e| e.to_string())?;
+    std::str::from_utf8(&bytes)
+        .map(|s| zeroize::Zeroizing::new(s.to_string()))
+        .map_err(|_| format!("{}: not text", path.display()))
 }
 
 impl CoapClient {

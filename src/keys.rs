@@ -34,6 +34,16 @@ pub enum KeyError {
     NotFound { path: PathBuf },
     #[error("{path}: not a PEM PKCS#8 P-256 private key")]
     NotAKey { path: PathBuf },
+    #[error("{path}: {kind}, not a regular file; a secret must be a file of its own")]
+    NotAFile { path: PathBuf, kind: &'static str },
+    #[error(
+        "{path}: owned by uid {owner}, not by the user lockbridge runs as (uid {user}), who alone may hold its secrets; fix with `chown {user} {path}`"
+    )]
+    NotOwner {
+        path: PathBuf,
+        owner: u32,
+        user: u32,
+    },
     #[error("public key: {0}")]
     BadPublicKey(&'static str),
 }
@@ -81,25 +91,72 @@ pub fn generate(path: &Path) -> Result<SigningKey, KeyError> {
     Ok(key)
 }
 
-/// Load a key file, refusing one that group or others can read.
-pub fn load(path: &Path) -> Result<SigningKey, KeyError> {
+/// Read a file that holds a secret (a key, a PSK, a password). It must be a regular file —
+/// a FIFO, device, socket or directory at the path is refused, never read from — owned by the
+/// user lockbridge runs as, and readable by that user alone.
+pub fn read_secret(path: &Path) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let check = |meta: &fs::Metadata| -> Result<(), KeyError> {
+        let p = path.to_path_buf();
+        let t = meta.file_type();
+        if !t.is_file() {
+            use std::os::unix::fs::FileTypeExt;
+            let kind = if t.is_dir() {
+                "a directory"
+            } else if t.is_fifo() {
+                "a FIFO"
+            } else if t.is_char_device() || t.is_block_device() {
+                "a device"
+            } else if t.is_socket() {
+                "a socket"
+            } else {
+                "not a file"
+            };
+            return Err(KeyError::NotAFile { path: p, kind });
+        }
+        let user = rustix::process::geteuid().as_raw();
+        if meta.uid() != user {
+            return Err(KeyError::NotOwner {
+                path: p,
+                owner: meta.uid(),
+                user,
+            });
+        }
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::TooOpen { path: p, mode });
+        }
+        Ok(())
+    };
     let meta = fs::metadata(path).map_err(|source| match source.kind() {
         std::io::ErrorKind::NotFound => KeyError::NotFound {
             path: path.to_path_buf(),
         },
         _ => io_err(path)(source),
     })?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(KeyError::TooOpen {
-            path: path.to_path_buf(),
-            mode,
-        });
-    }
-    let pem = Zeroizing::new(fs::read_to_string(path).map_err(io_err(path))?);
-    let secret = p256::SecretKey::from_pkcs8_pem(&pem).map_err(|_| KeyError::NotAKey {
+    check(&meta)?;
+    // Checked again on what was opened, in case the path changed in between; non-blocking,
+    // so that a FIFO put there meanwhile cannot hang the open.
+    let mut file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(io_err(path))?;
+    check(&file.metadata().map_err(io_err(path))?)?;
+    let mut bytes = Zeroizing::new(Vec::new());
+    file.read_to_end(&mut bytes).map_err(io_err(path))?;
+    Ok(bytes)
+}
+
+/// Load a key file through [`read_secret`].
+pub fn load(path: &Path) -> Result<SigningKey, KeyError> {
+    let bytes = read_secret(path)?;
+    let not_a_key = || KeyError::NotAKey {
         path: path.to_path_buf(),
-    })?;
+    };
+    let pem = std::str::from_utf8(&bytes).map_err(|_| not_a_key())?;
+    let secret = p256::SecretKey::from_pkcs8_pem(pem).map_err(|_| not_a_key())?;
     Ok(SigningKey::from(secret))
 }
 
@@ -140,6 +197,74 @@ mod tests {
         let err = load(&path).unwrap_err();
         assert!(matches!(err, KeyError::TooOpen { mode: 0o640, .. }));
         assert!(err.to_string().contains("chmod 600"));
+    }
+
+    #[test]
+    fn a_secret_must_be_a_regular_file_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        // A FIFO is refused without being opened (which would wait for a writer).
+        let fifo = dir.path().join("fifo");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        fs::set_permissions(&fifo, fs::Permissions::from_mode(0o600)).unwrap();
+        let err = read_secret(&fifo).unwrap_err();
+        assert!(
+            matches!(err, KeyError::NotAFile { kind: "a FIFO", .. }),
+            "{err}"
+        );
+        assert!(matches!(
+            read_secret(Path::new("/dev/null")),
+            Err(KeyError::NotAFile {
+                kind: "a device",
+                ..
+            })
+        ));
+        assert!(matches!(
+            read_secret(dir.path()),
+            Err(KeyError::NotAFile {
+                kind: "a directory",
+                ..
+            })
+        ));
+        let file = dir.path().join("psk");
+        fs::write(&file, "00112233445566778899aabbccddeeff").unwrap();
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_secret(&file).unwrap().len(), 32);
+        // A symlink to a good file is fine: what counts is the file.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(read_secret(&link).is_ok());
+    }
+
+    // Regression: key and PSK files owned by another user were read.
+    #[test]
+    fn a_secret_another_user_owns_is_refused() {
+        if rustix::process::geteuid().as_raw() != 0 {
+            // Only root can give a file away; tests/run.sh runs the suite as root.
+            panic!("this test needs root (run tests/run.sh as root)");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.pem");
+        generate(&path).unwrap();
+        std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+        let err = load(&path).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KeyError::NotOwner {
+                    owner: 65534,
+                    user: 0,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("chown 0"), "{err}");
     }
 
     #[test]

@@ -443,3 +443,105 @@ async fn a_jammed_motion_is_failed_jammed_on_every_surface() {
     check(&watch.outcome(&format!("{ROOT}/locks/lock-1/result"), "j-3"));
     assert_eq!(world.actuations().len(), 3);
 }
+
+/// `lockbridge check-config` on the world's daemon config, with a deadline: its exit code and
+/// standard error.
+fn check_config(world: &World) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lockbridge"))
+        .args([
+            "check-config",
+            "--config",
+            world.daemon_config().to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("check-config hung");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+// Regression: a PSK file owned by another user was read like the service's own, and a key
+// path that was a FIFO was opened — and waited on forever.
+#[test]
+fn secret_files_of_another_user_or_that_are_not_files_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let world = World::new(1, |_| {});
+    let psk = world.dir.join("state/psk/demo.hex");
+    assert_eq!(check_config(&world).0, Some(0));
+    std::os::unix::fs::chown(&psk, Some(65534), None).unwrap();
+    let (code, err) = check_config(&world);
+    assert_eq!(code, Some(78), "{err}");
+    assert!(
+        err.contains("coap.clients[0].psk") && err.contains("owned by uid 65534"),
+        "{err}"
+    );
+    assert!(err.contains("chown"), "the fix is named: {err}");
+    std::os::unix::fs::chown(&psk, Some(0), None).unwrap();
+
+    let key = world.dir.join("state/gateway.key");
+    std::fs::rename(&key, world.dir.join("gateway.key.real")).unwrap();
+    assert!(Command::new("mkfifo").arg(&key).status().unwrap().success());
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, err) = check_config(&world);
+    assert_eq!(code, Some(78), "{err}");
+    assert!(err.contains("a FIFO, not a regular file"), "{err}");
+}
+
+// Regression: a regular file at the control socket's path was silently deleted.
+#[test]
+fn a_file_at_the_control_socket_path_is_kept_and_named() {
+    let world = World::new(1, |_| {});
+    let _sim = world.sim();
+    std::fs::write(world.control(), "an operator's notes\n").unwrap();
+    let mut daemon = common::Proc(
+        Command::new(env!("CARGO_BIN_EXE_lockbridge"))
+            .args(["run", "--config", world.daemon_config().to_str().unwrap()])
+            .stderr(std::fs::File::create(world.dir.join("daemon-refused.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let status = daemon.wait_exit(Duration::from_secs(20));
+    assert!(!status.success());
+    let log = std::fs::read_to_string(world.dir.join("daemon-refused.log")).unwrap();
+    assert!(log.contains("exists and is not a socket"), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(world.control()).unwrap(),
+        "an operator's notes\n"
+    );
+}
+
+// Regression: control socket lines had no length limit (a client could make the daemon read
+// one line into memory for as long as it liked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_socket_lines_are_length_limited() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let world = World::new(1, |_| {});
+    let _sim = world.sim();
+    let _daemon = world.daemon();
+    let stream = tokio::net::UnixStream::connect(world.control())
+        .await
+        .unwrap();
+    let (rd, mut wr) = stream.into_split();
+    let mut lines = BufReader::new(rd).lines();
+    let mut long = format!(r#"{{"op":"state","lock":"{}"}}"#, "x".repeat(1 << 20));
+    long.push('\n');
+    wr.write_all(long.as_bytes()).await.unwrap();
+    let answer = lines.next_line().await.unwrap().unwrap();
+    assert!(answer.contains("at most 4096 bytes"), "{answer}");
+    // The same connection goes on working.
+    wr.write_all(b"{\"op\":\"locks\"}\n").await.unwrap();
+    let answer = lines.next_line().await.unwrap().unwrap();
+    assert!(answer.contains("lock-1"), "{answer}");
+}
