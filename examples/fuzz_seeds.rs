@@ -28,6 +28,7 @@ fn main() -> anyhow::Result<()> {
     ptls_traffic(&mut corpus)?;
     sim_socket(&mut corpus)?;
     coap_requests(&mut corpus)?;
+    dtls_datagrams(&mut corpus)?;
     mqtt_commands(&mut corpus)?;
     configs(&mut corpus)?;
     println!("{} seeds in {}", corpus.written, corpus.root.display());
@@ -242,6 +243,91 @@ fn coap_requests(corpus: &mut Corpus) -> anyhow::Result<()> {
     packet.add_option(CoapOption::Block2, vec![0x12]);
     let bytes = packet.to_bytes().map_err(|e| anyhow::anyhow!("{e:?}"))?;
     corpus.add("coap_request", &bytes)
+}
+
+/// A DTLS record of `content_type` in `epoch` holding `fragment`.
+fn dtls_record(content_type: u8, epoch: u16, seq: u64, fragment: &[u8]) -> Vec<u8> {
+    let mut r = vec![content_type, 0xFE, 0xFD];
+    r.extend_from_slice(&epoch.to_be_bytes());
+    r.extend_from_slice(&seq.to_be_bytes()[2..]);
+    r.extend_from_slice(&(fragment.len() as u16).to_be_bytes());
+    r.extend_from_slice(fragment);
+    r
+}
+
+/// A handshake message in one fragment.
+fn dtls_message(msg_type: u8, msg_seq: u16, body: &[u8]) -> Vec<u8> {
+    let len = (body.len() as u32).to_be_bytes();
+    let mut h = vec![msg_type];
+    h.extend_from_slice(&len[1..]);
+    h.extend_from_slice(&msg_seq.to_be_bytes());
+    h.extend_from_slice(&[0, 0, 0]);
+    h.extend_from_slice(&len[1..]);
+    h.extend_from_slice(body);
+    h
+}
+
+/// A PSK handshake's datagrams as the endpoint sees them (ClientHello, HelloVerifyRequest,
+/// ClientHello with the cookie, ServerHello … ServerHelloDone, ClientKeyExchange with
+/// ChangeCipherSpec and an encrypted Finished), in the `dtls_datagrams` input form.
+fn dtls_datagrams(corpus: &mut Corpus) -> anyhow::Result<()> {
+    let hello = |cookie: &[u8]| {
+        let mut b = vec![0xFE, 0xFD];
+        b.extend_from_slice(&[7u8; 32]);
+        b.push(0);
+        b.push(cookie.len() as u8);
+        b.extend_from_slice(cookie);
+        b.extend_from_slice(&[0, 2, 0x00, 0xA8, 1, 0, 0, 4, 0x00, 0x17, 0, 0]);
+        b
+    };
+    let cookie = [0x5Au8; 20];
+    let mut hvr_body = vec![0xFE, 0xFF, cookie.len() as u8];
+    hvr_body.extend_from_slice(&cookie);
+    let mut server_hello = vec![0xFE, 0xFD];
+    server_hello.extend_from_slice(&[9u8; 32]);
+    server_hello.extend_from_slice(&[0, 0x00, 0xA8, 0, 0, 4, 0x00, 0x17, 0, 0]);
+    let mut flight4 = dtls_record(22, 0, 1, &dtls_message(2, 1, &server_hello));
+    flight4.extend(dtls_record(
+        22,
+        0,
+        2,
+        &dtls_message(
+            12,
+            2,
+            &[
+                0, 10, b'l', b'o', b'c', b'k', b'b', b'r', b'i', b'd', b'g', b'e',
+            ],
+        ),
+    ));
+    flight4.extend(dtls_record(22, 0, 3, &dtls_message(14, 3, &[])));
+    let mut flight5 = dtls_record(
+        22,
+        0,
+        2,
+        &dtls_message(16, 2, &[0, 4, b'f', b'u', b'l', b'l']),
+    );
+    flight5.extend(dtls_record(20, 0, 3, &[1]));
+    flight5.extend(dtls_record(22, 1, 0, &[0x33; 40]));
+    let datagrams: [(u8, Vec<u8>); 6] = [
+        (1, dtls_record(22, 0, 0, &dtls_message(1, 0, &hello(&[])))),
+        (0, dtls_record(22, 0, 0, &dtls_message(3, 0, &hvr_body))),
+        (
+            1,
+            dtls_record(22, 0, 1, &dtls_message(1, 1, &hello(&cookie))),
+        ),
+        (0, flight4),
+        (1, flight5),
+        (1, dtls_record(23, 1, 1, &[0x44; 48])),
+    ];
+    let mut input = Vec::new();
+    for (from_client, d) in &datagrams {
+        let mut one = vec![*from_client];
+        one.extend_from_slice(&(d.len() as u16).to_be_bytes());
+        one.extend_from_slice(d);
+        corpus.add("dtls_datagrams", &one)?;
+        input.extend(one);
+    }
+    corpus.add("dtls_datagrams", &input)
 }
 
 /// What the MQTT tests and Home Assistant publish to `<root>/locks/<lock>/set`.

@@ -722,6 +722,14 @@ impl Config {
         if self.ble.att_mtu < crate::ptls::wire::MIN_ATT_MTU {
             return Err(err("ble.att_mtu".into(), "must be at least 156".into()));
         }
+        if self.commands.default_ttl_s == 0
+            || self.commands.default_ttl_s > crate::command::MAX_TTL.as_secs()
+        {
+            return Err(err(
+                "commands.default_ttl_s".into(),
+                format!("1 to {} seconds", crate::command::MAX_TTL.as_secs()),
+            ));
+        }
         if self.commands.queue_depth == 0 {
             return Err(err(
                 "commands.queue_depth".into(),

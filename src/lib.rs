@@ -27,21 +27,26 @@
 //!   notifications, commands with their outcome rules, link policies, reconnect backoff.
 //! - [`supervisor`] — owns the sessions; permissions, ids, deadlines, routing, bounded queues,
 //!   graceful shutdown. [`registry`] is the lock state front ends read and the event stream;
-//!   [`ledger`] de-duplicates ids and delivers steps; [`idstore`] makes ids durable;
+//!   [`ledger`] scopes ids to their origin, de-duplicates them and delivers steps;
+//!   [`idstore`] makes ids durable and survives damage;
 //!   [`slots`] schedules connection slots; [`command`] is the command/outcome model.
 //! - [`config`] — the daemon's TOML + environment configuration; [`credentials`] — the
-//!   certificate and signed-time providers; [`keys`] — key files; [`authority`] — issuing.
-//! - [`cloud`] — CoAP over DTLS 1.2: [`cloud::dtls`] (own UDP demultiplexer around webrtc-dtls,
-//!   a task and deadline per handshake, caps, final-flight resend, PSK or certificate
-//!   configuration chosen from the ClientHello), [`cloud::certs`] (the gateway's certificate,
-//!   client certificates by CA or pinned key) and [`cloud::coap`] (the resources, with the
-//!   client's identity as the command origin).
+//!   certificate and signed-time providers; [`keys`] — key files and the one reader of every
+//!   secret file; [`authority`] — issuing.
+//! - [`cloud`] — CoAP over DTLS 1.2: [`cloud::dtls`] (own UDP demultiplexer around webrtc-dtls:
+//!   a task and deadline per handshake, caps per endpoint, address and identity, final-flight
+//!   resend, a second handshake beside a live session, records screened before webrtc-dtls sees
+//!   them; [`cloud::dtls::record`] reads records, [`cloud::dtls::verify`] checks the client's
+//!   Finished and record tags), [`cloud::certs`] (the gateway's certificate, client
+//!   certificates by CA or pinned key) and [`cloud::coap`] (messages triaged by RFC 7252, the
+//!   resources, with the client's identity as the command origin; bounded per-peer state).
 //! - [`mqtt`] — the MQTT bridge on rumqttc: state, availability, events and metrics out,
 //!   commands in with results on `<root>/locks/<lock>/result`, Home Assistant discovery;
 //!   [`mqtt::client`] hides the protocol version and reconnects with backoff.
 //! - [`ctl`] — `lockbridge ctl`, the CoAP-over-DTLS client.
-//! - [`daemon`] — `lockbridge run`; [`control`] — the local control socket; [`systemd`] —
-//!   sd_notify and the watchdog; [`telemetry`] — logging; [`demo`] — `lockbridge demo`.
+//! - [`daemon`] — `lockbridge run`; [`control`] — the local control socket; [`tasks`] —
+//!   front-end tasks restarted when they panic; [`systemd`] — sd_notify and the watchdog;
+//!   [`telemetry`] — logging; [`demo`] — `lockbridge demo`.
 
 pub mod authority;
 pub mod cloud;
