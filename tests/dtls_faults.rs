@@ -147,14 +147,32 @@ impl Gateway {
     }
 }
 
+/// DTLS peers `GET /gateway` counts, not counting the session that asks.
+async fn peers_besides_the_asker(server: SocketAddr) -> u64 {
+    let credentials = lockbridge::ctl::Credentials::Psk {
+        identity: "full".into(),
+        key: zeroize::Zeroizing::new(PSK.as_bytes().to_vec()),
+    };
+    let mut c = lockbridge::ctl::CoapClient::connect(server, &credentials)
+        .await
+        .unwrap();
+    let (_, body) = c
+        .request(coap_lite::RequestType::Get, "/gateway", &[])
+        .await
+        .unwrap();
+    c.close().await;
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    v["dtls_peers"].as_u64().unwrap() - 1
+}
+
 // ---------------------------------------------------------------------------------------------
 // The listener faults, each shown fixed here and present in a plain DTLSListener.
 
 /// Fault 1: a ClientHello that is never continued. Returns how long a real client then took.
 async fn silent_hello_then_real_client(server: SocketAddr) -> Result<Duration, String> {
+    // Sent first to the same socket, so it is read first.
     let mut spoof = Raw::new(server).await;
     spoof.send(|s| client_hello(0, s, 0, &[])).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let t = Instant::now();
     handshake_to(server, Duration::from_secs(3)).await?;
     Ok(t.elapsed())
@@ -174,8 +192,17 @@ async fn reconnect_from_the_same_port(server: SocketAddr) -> Result<(), String> 
     .await?;
     first.close().await.map_err(|e| e.to_string())?;
     drop(first);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let again = std::net::UdpSocket::bind(local).map_err(|e| format!("rebind {local}: {e}"))?;
+    // The port is free once webrtc-dtls's own tasks have let go of the socket.
+    let t = Instant::now();
+    let again = loop {
+        match std::net::UdpSocket::bind(local) {
+            Ok(s) => break s,
+            Err(e) if t.elapsed() > Duration::from_secs(10) => {
+                return Err(format!("rebind {local}: {e}"));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
     again.set_nonblocking(true).unwrap();
     handshake_from(
         UdpSocket::from_std(again).unwrap(),
@@ -222,12 +249,25 @@ async fn final_flight_lost_once(server: SocketAddr) -> Result<Duration, String> 
 }
 
 /// Fault 4: a client that stops after its ClientHello with the cookie. Returns how many
-/// datagrams the server still sends it between 3 s and 6 s later.
-async fn datagrams_to_an_abandoned_handshake(server: SocketAddr) -> usize {
+/// datagrams the server still sends it within 3 s once `gone` says the handshake has ended
+/// (lockbridge's peer count; the plain listener's never ends, so for it `gone` is the
+/// deadline itself having passed).
+async fn datagrams_to_an_abandoned_handshake<F, Fut>(server: SocketAddr, gone: F) -> usize
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
     let mut raw = Raw::new(server).await;
     let flight4 = raw.start_handshake().await;
     assert!(!flight4.is_empty(), "the server answered the cookie");
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let t = Instant::now();
+    while !gone().await {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the handshake never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     raw.receive(Duration::ZERO).await; // what was sent before, still queued in the socket
     raw.receive(Duration::from_secs(3)).await.len()
 }
@@ -236,9 +276,16 @@ async fn datagrams_to_an_abandoned_handshake(server: SocketAddr) -> usize {
 async fn an_abandoned_handshake_ends_at_its_deadline_here_and_never_in_a_plain_listener() {
     let mut gw = gateway_with(1, "handshake_timeout_s = 2");
     let plain = plain_listener().await;
+    let addr = gw.addr;
+    let started = Instant::now();
     let (here, there) = tokio::join!(
-        datagrams_to_an_abandoned_handshake(gw.addr),
-        datagrams_to_an_abandoned_handshake(plain)
+        datagrams_to_an_abandoned_handshake(addr, || async move {
+            // Only the asking client is left.
+            peers_besides_the_asker(addr).await == 0
+        }),
+        datagrams_to_an_abandoned_handshake(plain, || async move {
+            started.elapsed() > Duration::from_millis(2500)
+        })
     );
     println!("datagrams 3-6 s after the client went quiet: lockbridge {here}, plain {there}");
     assert_eq!(

@@ -216,26 +216,27 @@ fn commands_in_every_form_get_one_outcome_each() {
     // broker keeps nothing for the gateway, so it never runs.
     broker.publish(&set, r#"{"action":"lock","id":"m-6"}"#, &[]);
     let _daemon = world.daemon();
-    watch.wait(
-        "a second refusal after the restart",
-        Duration::from_secs(15),
-        |m| {
-            m.topic == result
-                && m.json()["id"] == "m-5"
-                && m.json()["outcome"]["status"] == "denied"
-                && !m.retained
-        },
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(
+    let refusals = || {
         watch
             .all()
             .iter()
-            .filter(|m| m.topic == result && m.json()["id"] == "m-5")
-            .count(),
-        2,
-        "one refusal per delivery"
+            .filter(|m| {
+                m.topic == result
+                    && m.json()["id"] == "m-5"
+                    && m.json()["outcome"]["status"] == "denied"
+                    && !m.retained
+            })
+            .count()
+    };
+    watch.wait(
+        "a second refusal after the restart",
+        Duration::from_secs(15),
+        |_| refusals() == 2,
     );
+    // A later command's result is out only after everything before it was read.
+    broker.publish(&set, r#"{"action":"read","id":"m-7"}"#, &[]);
+    watch.outcome(&result, "m-7");
+    assert_eq!(refusals(), 2, "one refusal per delivery");
     broker.publish(&set, "", &["-r"]); // clear it
     assert_eq!(world.actuations().len(), 3, "{:?}", world.actuations());
     assert!(
@@ -638,7 +639,10 @@ fn a_command_to_an_unreachable_lock_ends_and_never_fires_late() {
     watch.wait("the lock connected", Duration::from_secs(15), |m| {
         m.topic == lock_topic("lock-1", "state") && m.json()["status"] == "connected"
     });
-    std::thread::sleep(Duration::from_secs(2));
+    // Once a later read of the lock is through, the session has nothing queued for it.
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(world.barrier("lock-1"));
     assert!(world.actuations().is_empty(), "{:?}", world.actuations());
     let reports = watch
         .all()

@@ -121,9 +121,13 @@ say "Debian packages (amd64, and arm64 for the Raspberry Pi)"
 packaging/build-deb
 packaging/build-deb --target aarch64-unknown-linux-gnu
 
-say "cargo test"
-cargo test --quiet 2>&1 | tee target/test-output.txt
-if grep -q "test result: FAILED" target/test-output.txt; then
+say "cargo test --no-fail-fast"
+# Every suite runs even when one fails, so that one failure does not hide the others.
+test_status=0
+cargo test --no-fail-fast --quiet 2>&1 | tee target/test-output.txt || test_status=$?
+if ((test_status != 0)) || grep -q "test result: FAILED" target/test-output.txt; then
+    echo "cargo test failed (exit ${test_status}):"
+    grep -E "^(---- |test .* FAILED|failures:)" target/test-output.txt || true
     exit 1
 fi
 passed=$(grep -o '[0-9]* passed' target/test-output.txt | awk '{s+=$1} END {print s+0}')

@@ -43,13 +43,15 @@ impl Drop for KillOnDrop {
 }
 
 fn wait_for_socket(path: &Path) {
-    for _ in 0..200 {
-        if path.exists() {
-            return;
-        }
+    let t = std::time::Instant::now();
+    while !path.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "simulator did not create {}",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(25));
     }
-    panic!("simulator did not create {}", path.display());
 }
 
 fn p(path: &Path) -> &str {

@@ -281,6 +281,11 @@ impl Peer {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&mid);
         if let Some(n) = waiting {
+            log::debug!(
+                "coap: {} ({}): separate response {mid} acknowledged",
+                self.source,
+                self.identity
+            );
             n.notify_one();
         }
     }

@@ -262,6 +262,21 @@ impl World {
             .collect()
     }
 
+    /// Wait until the daemons' logs hold `needle` at least `times` times.
+    pub fn wait_log(&self, needle: &str, times: usize) {
+        wait_for(
+            || self.daemon_log().matches(needle).count() >= times,
+            &format!("{times} × {needle:?} in the daemon's log"),
+        );
+    }
+
+    /// A read of `lock` through the control socket, to its outcome (whichever): everything the
+    /// lock's session had to do before it is done, since commands run one at a time per lock.
+    pub async fn barrier(&self, lock: &str) {
+        let reports = self.command(lock, Action::Read, None, Some(60)).await;
+        outcome(&reports);
+    }
+
     /// Everything the simulators of this world (over the sim socket) wrote to their logs.
     pub fn sim_log(&self) -> String {
         let mut logs: Vec<_> = std::fs::read_dir(&self.dir)
@@ -546,8 +561,20 @@ impl Emulator {
             },
             "BlueZoo's adapters",
         );
-        // Adapters are powered right after they are added.
-        std::thread::sleep(Duration::from_millis(300));
+        // Adapters are powered right after they are added: wait until each says so.
+        for i in 0..adapters {
+            let path = format!("/org/bluez/hci{i}");
+            wait_for(
+                || {
+                    Command::new("busctl")
+                        .args(["--address", &address, "get-property", "org.bluez", &path])
+                        .args(["org.bluez.Adapter1", "Powered"])
+                        .output()
+                        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "b true")
+                },
+                "BlueZoo's adapters to be powered",
+            );
+        }
         Emulator {
             _dir: dir,
             address,
