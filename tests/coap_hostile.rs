@@ -14,30 +14,13 @@ use std::time::Duration;
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 
 use common::dtls_raw::{Finished, Raw, Session};
-use common::{PSK, World};
+use common::{Gateway, PSK};
 use lockbridge::command::Action;
 
-struct Gateway {
-    world: World,
-    addr: SocketAddr,
-    _sim: common::Proc,
-    _daemon: common::Proc,
-}
-
 /// One lock (two with `locks`), CoAP on loopback with the identities of
-/// [`World::serve_coap`] and `extra` in its config after them.
+/// [`common::World::serve_coap`] and `extra` in its config after them.
 fn gateway(locks: usize, extra: &str) -> Gateway {
-    let world = World::new(locks, |_| {});
-    let port = world.serve_coap("");
-    world.edit_daemon_config(|t| format!("{t}\n{extra}\n"));
-    let sim = world.sim();
-    let daemon = world.daemon();
-    Gateway {
-        world,
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        _sim: sim,
-        _daemon: daemon,
-    }
+    Gateway::start(locks, "", extra)
 }
 
 async fn session(addr: SocketAddr, identity: &str, key: &str) -> Session {

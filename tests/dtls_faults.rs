@@ -29,21 +29,10 @@ use common::dtls_raw::{
     types,
 };
 use common::udp_proxy::{Dir, Faults, Filter, Proxy};
-use common::{PSK, World};
+use common::{Gateway, PSK};
 
 // ---------------------------------------------------------------------------------------------
 // Clients and servers.
-
-fn psk_client_config(key: &'static str) -> DtlsConfig {
-    DtlsConfig {
-        psk: Some(Arc::new(move |_: &[u8]| Ok(key.as_bytes().to_vec()))),
-        psk_identity_hint: Some(b"full".to_vec()),
-        cipher_suites: vec![CipherSuiteId::Tls_Psk_With_Aes_128_Gcm_Sha256],
-        extended_master_secret: ExtendedMasterSecretType::Require,
-        server_name: "lockbridge".into(),
-        ..Default::default()
-    }
-}
 
 /// A webrtc-dtls PSK handshake from `socket` to `server`, given up after `limit`.
 async fn handshake_from(
@@ -53,7 +42,12 @@ async fn handshake_from(
     limit: Duration,
 ) -> Result<DTLSConn, String> {
     socket.connect(server).await.unwrap();
-    let hs = DTLSConn::new(Arc::new(socket), psk_client_config(key), true, None);
+    let hs = DTLSConn::new(
+        Arc::new(socket),
+        common::psk_dtls_config("full", key),
+        true,
+        None,
+    );
     match tokio::time::timeout(limit, hs).await {
         Ok(Ok(c)) => Ok(c),
         Ok(Err(e)) => Err(e.to_string()),
@@ -90,30 +84,8 @@ async fn plain_listener() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-/// The daemon and simulator with CoAP on loopback.
-struct Gateway {
-    world: World,
-    addr: SocketAddr,
-    _sim: common::Proc,
-    daemon: common::Proc,
-}
-
 fn gateway(locks: usize) -> Gateway {
-    gateway_with(locks, "")
-}
-
-/// A gateway with `extra` keys in `[coap]`.
-fn gateway_with(locks: usize, extra: &str) -> Gateway {
-    let world = World::new(locks, |_| {});
-    let port = world.serve_coap(extra);
-    let sim = world.sim();
-    let daemon = world.daemon();
-    Gateway {
-        world,
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        _sim: sim,
-        daemon,
-    }
+    Gateway::start(locks, "", "")
 }
 
 impl Gateway {
@@ -274,7 +246,7 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abandoned_handshake_ends_at_its_deadline_here_and_never_in_a_plain_listener() {
-    let mut gw = gateway_with(1, "handshake_timeout_s = 2");
+    let mut gw = Gateway::start(1, "handshake_timeout_s = 2", "");
     let plain = plain_listener().await;
     let addr = gw.addr;
     let started = Instant::now();

@@ -12,46 +12,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
-use webrtc_dtls::cipher_suite::CipherSuiteId;
-use webrtc_dtls::config::{Config as DtlsConfig, ExtendedMasterSecretType};
 use webrtc_dtls::conn::DTLSConn;
 
 use common::dtls_raw::{
     CT_ALERT, CT_APP_DATA, CT_HANDSHAKE, Finished, Raw, Session, client_hello, coap_get, handshake,
     record,
 };
-use common::{PSK, READER_PSK, World};
-
-struct Gateway {
-    world: World,
-    addr: SocketAddr,
-    _sim: common::Proc,
-    daemon: common::Proc,
-}
+use common::{Gateway, PSK, READER_PSK};
 
 /// The daemon and simulator with CoAP on loopback; `extra` goes into `[coap]`.
 fn gateway(extra: &str) -> Gateway {
-    let world = World::new(1, |_| {});
-    let port = world.serve_coap(extra);
-    let sim = world.sim();
-    let daemon = world.daemon();
-    Gateway {
-        world,
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        _sim: sim,
-        daemon,
-    }
-}
-
-fn psk_config(identity: &str, key: &'static str) -> DtlsConfig {
-    DtlsConfig {
-        psk: Some(Arc::new(move |_: &[u8]| Ok(key.as_bytes().to_vec()))),
-        psk_identity_hint: Some(identity.as_bytes().to_vec()),
-        cipher_suites: vec![CipherSuiteId::Tls_Psk_With_Aes_128_Gcm_Sha256],
-        extended_master_secret: ExtendedMasterSecretType::Require,
-        server_name: "lockbridge".into(),
-        ..Default::default()
-    }
+    Gateway::start(1, extra, "")
 }
 
 /// A webrtc-dtls PSK session from `socket`.
@@ -62,7 +33,12 @@ async fn session_from(
     key: &'static str,
 ) -> Result<DTLSConn, String> {
     socket.connect(server).await.unwrap();
-    let hs = DTLSConn::new(Arc::new(socket), psk_config(identity, key), true, None);
+    let hs = DTLSConn::new(
+        Arc::new(socket),
+        common::psk_dtls_config(identity, key),
+        true,
+        None,
+    );
     match tokio::time::timeout(Duration::from_secs(5), hs).await {
         Ok(Ok(c)) => Ok(c),
         Ok(Err(e)) => Err(e.to_string()),

@@ -356,6 +356,52 @@ impl World {
     }
 }
 
+/// The daemon and simulator of a world with CoAP on loopback (the identities of
+/// [`World::serve_coap`]).
+pub struct Gateway {
+    pub world: World,
+    pub addr: std::net::SocketAddr,
+    pub sim: Proc,
+    pub daemon: Proc,
+}
+
+impl Gateway {
+    /// `locks` locks; `coap` goes into `[coap]`, `more` at the end of the daemon's config
+    /// (further clients and permissions).
+    pub fn start(locks: usize, coap: &str, more: &str) -> Gateway {
+        let world = World::new(locks, |_| {});
+        let port = world.serve_coap(coap);
+        if !more.is_empty() {
+            world.edit_daemon_config(|t| format!("{t}\n{more}\n"));
+        }
+        let sim = world.sim();
+        let daemon = world.daemon();
+        Gateway {
+            world,
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            sim,
+            daemon,
+        }
+    }
+}
+
+/// A webrtc-dtls client configuration for a PSK identity (TLS_PSK_WITH_AES_128_GCM_SHA256,
+/// extended master secret).
+pub fn psk_dtls_config(identity: &str, key: &'static str) -> webrtc_dtls::config::Config {
+    use webrtc_dtls::cipher_suite::CipherSuiteId;
+    use webrtc_dtls::config::{Config, ExtendedMasterSecretType};
+    Config {
+        psk: Some(std::sync::Arc::new(move |_: &[u8]| {
+            Ok(key.as_bytes().to_vec())
+        })),
+        psk_identity_hint: Some(identity.as_bytes().to_vec()),
+        cipher_suites: vec![CipherSuiteId::Tls_Psk_With_Aes_128_Gcm_Sha256],
+        extended_master_secret: ExtendedMasterSecretType::Require,
+        server_name: "lockbridge".into(),
+        ..Default::default()
+    }
+}
+
 /// The test certificates of `tests/certs/gen_certs.py` (Python `cryptography`, from the
 /// `.venv` tests/run.sh makes) written into `dir`, which is returned.
 pub fn gen_certs(dir: &Path) -> PathBuf {
