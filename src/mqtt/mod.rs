@@ -557,20 +557,18 @@ impl Task {
         };
         // An MQTT 5 response topic must be the gateway's own or one the operator allowed:
         // reports never go to another lock's commands, the status or discovery.
-        let m_response_refused = m
+        let refused_topic = m
             .response_topic
             .as_ref()
-            .is_some_and(|t| !self.topics.response_allowed(t));
-        let response_topic = m.response_topic.filter(|t| {
-            let ok = self.topics.response_allowed(t);
-            if !ok {
-                log::warn!(
-                    "mqtt: command for {lock}: response topic {t:?} is not under {} or mqtt.response_prefixes; answered on the result topic only",
-                    self.topics.responses
-                );
-            }
-            ok
-        });
+            .filter(|t| !self.topics.response_allowed(t));
+        if let Some(t) = refused_topic {
+            log::warn!(
+                "mqtt: command for {lock} refused: response topic {t:?} is not under {} or mqtt.response_prefixes",
+                self.topics.responses
+            );
+        }
+        let response_refused = refused_topic.is_some();
+        let response_topic = m.response_topic.filter(|_| !response_refused);
         let early = if m.retain {
             // A retained command would fire again on every reconnect: never execute one.
             self.retained_refused.fetch_add(1, Ordering::Relaxed);
@@ -579,7 +577,7 @@ impl Task {
             Some(Outcome::Denied {
                 reason: reason.into(),
             })
-        } else if m_response_refused {
+        } else if response_refused {
             Some(Outcome::bad_request(format!(
                 "response topic not allowed: use one under {} or set mqtt.response_prefixes",
                 self.topics.responses
