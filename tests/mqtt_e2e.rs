@@ -519,6 +519,11 @@ fn home_assistant_discovery_matches_its_schemas_and_is_announced_again() {
             [format!("{ROOT}/status"), lock_topic(lock, "availability")]
         );
         assert_eq!(l["device"]["via_device"], gateway_id);
+        // Home Assistant 2024.1 refuses a whole discovery document whose device block has a
+        // serial_number (checked with Home Assistant Core 2024.1.6): the serial is in the
+        // state and the device's identifiers instead.
+        assert!(l["device"].get("serial_number").is_none(), "{l}");
+        assert!(state.as_object().unwrap().contains_key("serial"));
         assert_eq!(l["device"]["manufacturer"], "Tedee");
         for (object, class, unit, field) in [
             (format!("{lock}_battery"), "battery", "%", "battery"),

@@ -120,6 +120,7 @@ fn truncate(s: &str, n: usize) -> &str {
 pub fn state(view: &LockView) -> Value {
     let secs = |ms: u64| ms / 1000;
     json!({
+        "serial": view.serial,
         "state": view.state,
         "jammed": view.jammed,
         "status": view.status,
@@ -183,12 +184,13 @@ pub fn discovery(d: &Discovery, view: &LockView) -> Vec<(String, Value)> {
     let node = gateway_device_id(d.gateway);
     let object = view.id.replace('.', "_");
     let lock_topic = format!("{}/locks/{}", d.root, view.id);
+    // No serial_number: Home Assistant before 2024.2 refuses the whole document for it. The
+    // lock's serial is in its state (`<root>/locks/<lock>/state`) and its second identifier.
     let device = json!({
-        "identifiers": [format!("{node}_{object}")],
+        "identifiers": [format!("{node}_{object}"), format!("tedee_{}", view.serial)],
         "name": view.id,
         "manufacturer": "Tedee",
         "model": "Lock",
-        "serial_number": view.serial,
         "via_device": node,
     });
     // Gateway and lock must both be online.
