@@ -337,6 +337,23 @@ async fn a_damaged_id_store_keeps_every_good_id_and_says_which_line_it_skipped()
         .collect();
     assert_eq!(aside.len(), 1, "the damaged file is kept");
     assert_eq!(std::fs::read(aside[0].path()).unwrap(), damaged);
+    // And GET /gateway says so.
+    let ctl = Command::new(env!("CARGO_BIN_EXE_lockbridge"))
+        .args([
+            "ctl",
+            "--config",
+            world.summary["coap"]["client_config"].as_str().unwrap(),
+        ])
+        .args(["--json", "gateway"])
+        .output()
+        .unwrap();
+    let gateway: Value = serde_json::from_slice(&ctl.stdout).unwrap();
+    assert_eq!(
+        gateway["id_store"]["bad_lines"],
+        serde_json::json!([line]),
+        "{gateway}"
+    );
+    assert!(gateway["id_store"]["moved_aside"].is_string(), "{gateway}");
     for (id, action) in [("d-2", Action::Lock), ("d-3", Action::Unlock)] {
         let r = cli(&world, "lock-1", action, id).await;
         assert!(r.iter().all(|r| r.repeated), "{id} is remembered: {r:?}");

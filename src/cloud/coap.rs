@@ -838,6 +838,8 @@ async fn handle(
                 "dtls_bad_finished": endpoint.stats.bad_finished.load(Relaxed),
                 // Tasks alive in the daemon's runtime: flat over time unless something leaks.
                 "tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
+                // What opening the command-id store found, and appends that failed since.
+                "id_store": sup.ledger().store_health(),
             });
             json_response(response, ResponseType::Content, &body)
         }

@@ -681,6 +681,7 @@ impl Task {
             "mqtt_reconnects": self.reconnects.load(Ordering::Relaxed),
             "mqtt_retained_commands_refused": self.retained_refused.load(Ordering::Relaxed),
             "task_failures": counters.task_failures,
+            "id_store_write_failures": self.supervisor.ledger().store_health().write_failures,
             "dtls_peers": self.dtls_peers.as_ref().map(|s| s.peers.load(Ordering::Relaxed)),
             "queue_depths": self.supervisor.queue_depths(),
         });
