@@ -185,6 +185,10 @@ fn sim_socket(corpus: &mut Corpus) -> anyhow::Result<()> {
         SimMsg::WriteAck {
             channel: Channel::PtlsRx,
         },
+        SimMsg::WriteError {
+            channel: Channel::PtlsRx,
+            att_error: 0x0D,
+        },
         SimMsg::Value {
             channel: Channel::Notifications,
             value: vec![notif::LOCK_STATUS_CHANGE, 2, 0],

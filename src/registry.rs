@@ -9,7 +9,7 @@ use tokio::sync::broadcast;
 
 use crate::command::Report;
 use crate::config::LinkPolicy;
-use crate::ptls::api::LockState;
+use crate::ptls::api::{DoorState, LockState};
 
 /// How the gateway is doing with a lock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -37,6 +37,13 @@ pub struct LockView {
     pub status: LinkStatus,
     pub state: Option<LockState>,
     pub jammed: bool,
+    /// The door sensor's reading, from the long LOCK_STATUS_CHANGE (spec §5.3); `None` until
+    /// the lock has sent one.
+    pub door: Option<DoorState>,
+    /// What caused the last state change (`button`, `remote`, `auto-lock`, `door-sensor`,
+    /// `other-0xNN`) and who (the access id; 0 for the lock itself), when the lock says.
+    pub last_trigger: Option<String>,
+    pub last_access_id: Option<u32>,
     pub battery: Option<u8>,
     pub charging: bool,
     /// Signal strength when the link last came up (BLE).

@@ -659,14 +659,18 @@ impl<C: Connector> Session<C> {
         let at = unix_ms_now();
         self.p.registry.progress(self.id(), at);
         match (id, params) {
-            (notif::LOCK_STATUS_CHANGE, [state, status, ..]) => {
-                let state = LockState::from_byte(*state);
-                let jammed = *status == api::STATUS_JAMMED;
-                self.p.registry.update(self.id(), at, |v| {
-                    v.state = Some(state);
-                    v.jammed = jammed;
-                });
-            }
+            (notif::LOCK_STATUS_CHANGE, _) => match api::StatusChange::parse(params) {
+                Ok(change) => self.p.registry.update(self.id(), at, |v| {
+                    v.state = Some(change.state);
+                    v.jammed = change.jammed;
+                    if let Some(cause) = change.cause {
+                        v.door = Some(cause.door);
+                        v.last_trigger = Some(api::trigger::name(cause.trigger));
+                        v.last_access_id = Some(cause.access_id);
+                    }
+                }),
+                Err(e) => log::warn!(LOCK_ID = self.id(); "lock {}: {e}; ignored", self.id()),
+            },
             (notif::BATTERY_STATE, [level, charging, ..]) => {
                 self.p.registry.update(self.id(), at, |v| {
                     v.battery = Some(*level);
@@ -912,14 +916,13 @@ impl<C: Connector> Session<C> {
                 Ok(Err(_)) => return None,
                 Ok(Ok(Event::Notification { id, params })) => {
                     self.apply_notification(driver, id, &params);
-                    if let (notif::LOCK_STATUS_CHANGE, [state, status, ..]) =
-                        (id, params.as_slice())
+                    if let (notif::LOCK_STATUS_CHANGE, Ok(change)) =
+                        (id, api::StatusChange::parse(&params))
                     {
-                        let state = LockState::from_byte(*state);
-                        if state.is_stable() {
+                        if change.state.is_stable() {
                             return Some(StateReading {
-                                state,
-                                jammed: *status == api::STATUS_JAMMED,
+                                state: change.state,
+                                jammed: change.jammed,
                             });
                         }
                         moving = true;

@@ -221,3 +221,131 @@ async fn losing_the_adapter_is_noticed_reported_and_commands_still_get_an_outcom
     assert_eq!(outcome(&reports), &Outcome::Expired, "{reports:?}");
     assert!(w.actuations().is_empty());
 }
+
+/// `busctl` against the emulator's bus: (success, stdout + stderr).
+fn busctl(emu: &Emulator, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("busctl")
+        .args(["--address", &emu.address])
+        .args(args)
+        .output()
+        .expect("busctl (package systemd; tests/run.sh installs it)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The ATT limit over BlueZ (ptls-spec §3.2, revised), with busctl as an independent GATT
+/// client: `lockbridge sim --ble` refuses a value one byte longer than `ATT_MTU − 3` with
+/// BlueZ's InvalidValueLength ("Invalid value length") and logs it; a value that fits is taken.
+#[test]
+fn over_bluez_a_value_longer_than_att_mtu_minus_3_is_refused_and_logged() {
+    let emu = Emulator::start(2);
+    let w = World::new(1, |_| {});
+    let _sim = w.sim_ble(&emu, "hci1");
+    // The simulator's adapter as hci0 sees it.
+    let device = "/org/bluez/hci0/dev_00_AA_00_00_00_02";
+    let (ok, text) = busctl(
+        &emu,
+        &[
+            "call",
+            "org.bluez",
+            "/org/bluez/hci0",
+            "org.bluez.Adapter1",
+            "StartDiscovery",
+        ],
+    );
+    assert!(ok, "{text}");
+    common::wait_for(
+        || {
+            busctl(&emu, &["tree", "--list", "org.bluez"])
+                .1
+                .contains(device)
+        },
+        "the simulated lock's advertisement",
+    );
+    let (ok, text) = busctl(
+        &emu,
+        &["call", "org.bluez", device, "org.bluez.Device1", "Connect"],
+    );
+    assert!(ok, "{text}");
+    // PTLS_RX among the characteristics BlueZ resolved.
+    let mut ptls_rx = None;
+    common::wait_for(
+        || {
+            let tree = busctl(&emu, &["tree", "--list", "org.bluez"]).1;
+            ptls_rx = tree
+                .lines()
+                .map(str::trim)
+                .filter(|p| p.starts_with(device) && p.contains("/char") && !p.contains("/desc"))
+                .map(str::to_string)
+                .find(|path| {
+                    busctl(
+                        &emu,
+                        &[
+                            "get-property",
+                            "org.bluez",
+                            path,
+                            "org.bluez.GattCharacteristic1",
+                            "UUID",
+                        ],
+                    )
+                    .1
+                    .contains(lockbridge::ptls::gatt::PTLS_RX_UUID)
+                });
+            ptls_rx.is_some()
+        },
+        "PTLS_RX resolved over BlueZ",
+    );
+    let ptls_rx = ptls_rx.unwrap();
+    let (ok, mtu) = busctl(
+        &emu,
+        &[
+            "get-property",
+            "org.bluez",
+            &ptls_rx,
+            "org.bluez.GattCharacteristic1",
+            "MTU",
+        ],
+    );
+    assert!(ok, "{mtu}");
+    let write = |len: usize| {
+        let mut args: Vec<String> = [
+            "call",
+            "org.bluez",
+            &ptls_rx,
+            "org.bluez.GattCharacteristic1",
+            "WriteValue",
+            "aya{sv}",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push(len.to_string());
+        args.extend(std::iter::repeat_n("3".to_string(), len));
+        args.extend(["1", "type", "s", "request"].map(String::from));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        busctl(&emu, &args)
+    };
+    // The lock's radio takes ATT MTU 247: values up to 244 bytes.
+    let (ok, text) = write(245);
+    // BlueZ's org.bluez.Error.InvalidValueLength, which busctl shows by its message.
+    assert!(
+        !ok && text.contains("Invalid value length"),
+        "a 245-byte write was not refused: {text}"
+    );
+    let (ok, text) = write(244);
+    assert!(ok, "a 244-byte write was refused: {text} (MTU {mtu})");
+    common::wait_for(
+        || w.sim_log().contains("refused a 245-byte write on PtlsRx"),
+        "the simulator's log of the refused write",
+    );
+    assert_eq!(
+        w.sim_log().matches("refused a ").count(),
+        1,
+        "{}",
+        w.sim_log()
+    );
+}

@@ -873,3 +873,98 @@ fn an_on_demand_lock_s_availability_follows_whether_it_is_on_the_air() {
     });
     drop(sim);
 }
+
+/// A lock with a door sensor, its door opened and closed and its button pressed by the
+/// simulator's chaos schedule: the door, the trigger and the access id of the last change reach
+/// the control socket, CoAP, the MQTT state and a Home Assistant door binary_sensor; the lock's
+/// own record shows the button's actuations as the button's.
+#[test]
+fn door_state_and_the_trigger_of_a_change_reach_every_surface() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let watch = Watch::start(&broker, dir.path(), "door");
+    let world = World::new(1, |sim| {
+        common::set_lock(sim, 0, "door_sensor", toml::Value::Boolean(true));
+        let chaos: toml::Table = toml::from_str(
+            "mean_interval_ms = 400\nloss_burst = 0.0\ndisconnect = 0.0\nreboot = 0.0\n\
+             lose_time = 0.0\ndoor = 1.0\nbutton = 1.0\nseed = 5\n",
+        )
+        .unwrap();
+        sim.insert("chaos".into(), toml::Value::Table(chaos));
+    });
+    let port = world.serve_coap("");
+    world.edit_daemon_config(|t| {
+        format!(
+            "{t}\n[mqtt]\nbroker = \"{}\"\nreconnect_min_ms = 200\nreconnect_max_s = 2\n",
+            broker.addr()
+        )
+    });
+    let _sim = world.sim();
+    let _daemon = world.daemon();
+    let state_topic = lock_topic("lock-1", "state");
+    let by = |trigger: &'static str| {
+        let topic = state_topic.clone();
+        move |m: &Msg| m.topic == topic && m.json()["last_trigger"] == trigger
+    };
+    let door = watch
+        .wait("a door change", Duration::from_secs(60), by("door-sensor"))
+        .json();
+    assert!(
+        ["open", "closed"].contains(&door["door"].as_str().unwrap()),
+        "{door}"
+    );
+    assert_eq!(door["last_access_id"], 0, "{door}");
+    let button = watch
+        .wait("a button press", Duration::from_secs(60), by("button"))
+        .json();
+    assert_eq!(button["last_access_id"], 0, "{button}");
+
+    // Home Assistant learns of the door as soon as the lock shows it has a sensor.
+    let config = watch
+        .wait("the door's discovery", Duration::from_secs(10), |m| {
+            m.topic == "homeassistant/binary_sensor/lockbridge_demo/lock-1_door/config"
+        })
+        .json();
+    check_keys("door", &config, BINARY_SENSOR_KEYS);
+    assert_eq!(config["device_class"], "door");
+    assert_eq!(config["state_topic"], lock_topic("lock-1", "state"));
+    assert_eq!(config["device"]["name"], "lock-1");
+    let announced = watch
+        .all()
+        .iter()
+        .filter(|m| m.topic.ends_with("lock-1_door/config"))
+        .count();
+    assert_eq!(announced, 1, "the door is announced once");
+
+    // The control socket and CoAP carry the same fields.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let view = rt.block_on(world.locks())[0].clone();
+    assert!(
+        ["open", "closed"].contains(&view["door"].as_str().unwrap()),
+        "{view}"
+    );
+    assert!(view["last_trigger"].is_string(), "{view}");
+    let out = std::process::Command::new("coap-client-openssl")
+        .args(["-B", "8", "-m", "get", "-u", "full", "-k", common::PSK])
+        .arg(format!("coaps://127.0.0.1:{port}/locks/lock-1"))
+        .output()
+        .unwrap();
+    let body: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert!(
+        ["open", "closed"].contains(&body["door"].as_str().unwrap()),
+        "{body}"
+    );
+    assert!(body["last_trigger"].is_string(), "{body}");
+
+    // The lock's own record: the button's movements are the button's, none without a cause.
+    let actuations = world.actuations();
+    assert!(
+        actuations.iter().any(|a| a["trigger"] == "button"),
+        "{actuations:?}"
+    );
+    assert!(
+        actuations.iter().all(|a| a["trigger"] == "button"),
+        "{actuations:?}"
+    );
+}

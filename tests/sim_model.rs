@@ -264,3 +264,98 @@ fn a_rebooting_lock_drops_its_links_forgets_its_clock_and_is_off_the_air_for_a_w
     assert!(lock.connect(t + Duration::from_millis(1_400), 247).is_err());
     assert!(lock.connect(t + Duration::from_millis(1_500), 247).is_ok());
 }
+
+#[test]
+fn status_changes_come_in_the_long_form_with_trigger_access_id_and_door() {
+    use lockbridge::ptls::WallClock;
+    use lockbridge::ptls::api::{DoorState, StatusChange, trigger};
+    use lockbridge::sim::model::{Happening, Lock, LockSpec, ScriptStep};
+    let f = Fixture::new(501);
+    let now = Instant::now();
+    let behaviour = Behaviour {
+        door_sensor: true,
+        ..Behaviour::default()
+    };
+    let mut spec = LockSpec::for_fixture(&f, behaviour);
+    // After the session is up (it takes well under a second of virtual time): the door opens,
+    // someone presses the button (unlocked by the command → locks), the door closes.
+    spec.script = vec![
+        ScriptStep {
+            after_ms: 5_000,
+            event: Happening::OpenDoor,
+        },
+        ScriptStep {
+            after_ms: 6_000,
+            event: Happening::PressButton,
+        },
+        ScriptStep {
+            after_ms: 9_000,
+            event: Happening::CloseDoor,
+        },
+    ];
+    let wall = WallClock {
+        at: now,
+        unix_ms: f.unix_ms,
+    };
+    let lock = LockEndpoint::new(Lock::new(spec, 1, wall), now, 247).unwrap();
+    let client = f.client(f.client_config(), 1, now);
+    let mut p = Pair::new(client, lock, now, &FaultConfig::default());
+    assert!(p.drive(Duration::from_secs(4), |p| p.client.is_established()));
+    let t = p.now;
+    p.client.send_command(t, &[op::UNLOCK, 0]).unwrap();
+    let mut changes = Vec::new();
+    p.drive(Duration::from_secs(12), |p| {
+        while let Some(e) = p.client.poll_event() {
+            if let Event::Notification {
+                id: notif::LOCK_STATUS_CHANGE,
+                params,
+            } = e
+            {
+                changes.push(StatusChange::parse(&params).unwrap());
+            }
+        }
+        false
+    });
+    let seen: Vec<_> = changes
+        .iter()
+        .map(|c| {
+            let cause = c.cause.expect("the long form");
+            (c.state, cause.trigger, cause.access_id, cause.door)
+        })
+        .collect();
+    // The fixture's certificate carries client id 0x11…: its commands report access id 0x11111111.
+    let remote = (trigger::REMOTE, 0x1111_1111);
+    assert_eq!(
+        seen,
+        vec![
+            (LockState::Unlocking, remote.0, remote.1, DoorState::Closed),
+            (LockState::Unlocked, remote.0, remote.1, DoorState::Closed),
+            (
+                LockState::Unlocked,
+                trigger::DOOR_SENSOR,
+                0,
+                DoorState::Open
+            ),
+            (LockState::Locking, trigger::BUTTON, 0, DoorState::Open),
+            (LockState::Locked, trigger::BUTTON, 0, DoorState::Open),
+            (
+                LockState::Locked,
+                trigger::DOOR_SENSOR,
+                0,
+                DoorState::Closed
+            ),
+        ]
+    );
+    let log = p.lock.lock.actuations();
+    assert_eq!(
+        log.iter()
+            .map(|a| (a.command.as_str(), a.trigger.as_str()))
+            .collect::<Vec<_>>(),
+        vec![("unlock", "remote"), ("lock", "button")]
+    );
+
+    // Without a door sensor the door is unknown and door events change nothing.
+    let mut plain = Lock::for_fixture(&f, Behaviour::default(), 2, now);
+    plain.happen(now, Happening::OpenDoor);
+    assert_eq!(plain.door(), DoorState::Unknown);
+}

@@ -221,6 +221,18 @@ impl Link for SimLink {
         loop {
             match self.reply("WRITE_ACK").await? {
                 SimMsg::WriteAck { channel: c } if c == channel => return Ok(()),
+                SimMsg::WriteError {
+                    channel: c,
+                    att_error,
+                } if c == channel => {
+                    return Err(LinkError::NotDelivered {
+                        reason: format!(
+                            "the lock refused a {}-byte value on {channel:?} (ATT error 0x{att_error:02x}; ATT MTU {})",
+                            value.len(),
+                            self.att_mtu
+                        ),
+                    });
+                }
                 other => self.buffer(other)?,
             }
         }

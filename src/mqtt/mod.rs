@@ -189,6 +189,7 @@ async fn run_bridge(shared: Shared, eventloop: Option<EventLoop>) {
         started: shared.started,
         retained_refused: shared.retained_refused.clone(),
         availability: Default::default(),
+        doors_announced: Default::default(),
         announced: None,
         announce_due: None,
     };
@@ -386,6 +387,9 @@ struct Task {
     retained_refused: Arc<AtomicU64>,
     /// Availability as last published per lock: it is sent only when it changes.
     availability: std::collections::HashMap<String, &'static str>,
+    /// Locks whose door entity Home Assistant has been told of (a door shows up with the
+    /// lock's first report of its door sensor).
+    doors_announced: std::collections::HashSet<String>,
     /// When discovery was last announced for a Home Assistant birth, and when the next one is
     /// due (a birth arrived within [`ANNOUNCE_INTERVAL`] of the last announcement).
     announced: Option<tokio::time::Instant>,
@@ -485,17 +489,30 @@ impl Task {
 
     fn publish_discovery(&mut self) {
         let config = self.supervisor.config().clone();
-        let mut d = payload::Discovery {
+        let d = self.discovery_base(&config);
+        let (topic, doc) = payload::gateway_discovery(&d);
+        self.publish(&topic, true, doc.to_string().into_bytes());
+        for view in self.supervisor.registry().all() {
+            self.publish_lock_discovery(&config, &view);
+        }
+    }
+
+    fn discovery_base<'a>(&'a self, config: &'a Config) -> payload::Discovery<'a> {
+        payload::Discovery {
             prefix: &self.topics.discovery_prefix,
             root: &self.topics.root,
             gateway: &config.gateway.id,
             version: env!("CARGO_PKG_VERSION"),
             open: false,
-        };
-        let mut docs = vec![payload::gateway_discovery(&d)];
-        for view in self.supervisor.registry().all() {
-            d.open = has_pull_spring(&config, &view.id) && may_pull(&config, &view.id);
-            docs.extend(payload::discovery(&d, &view));
+        }
+    }
+
+    fn publish_lock_discovery(&mut self, config: &Config, view: &LockView) {
+        let mut d = self.discovery_base(config);
+        d.open = has_pull_spring(config, &view.id) && may_pull(config, &view.id);
+        let docs = payload::discovery(&d, view);
+        if payload::has_door_sensor(view) {
+            self.doors_announced.insert(view.id.clone());
         }
         for (topic, doc) in docs {
             self.publish(&topic, true, doc.to_string().into_bytes());
@@ -506,6 +523,13 @@ impl Task {
         match &event {
             GatewayEvent::LockChanged { lock } => {
                 if self.connected {
+                    let config = self.supervisor.config().clone();
+                    if config.mqtt.home_assistant
+                        && payload::has_door_sensor(lock)
+                        && !self.doors_announced.contains(&lock.id)
+                    {
+                        self.publish_lock_discovery(&config, lock);
+                    }
                     self.publish_state(lock);
                 } else {
                     self.dirty = true;

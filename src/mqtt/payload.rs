@@ -7,6 +7,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::command::{Action, Mode, check_id, ttl_from_secs};
+use crate::ptls::api::DoorState;
 use crate::registry::LockView;
 
 /// A command as it arrived on `<root>/locks/<lock>/set`.
@@ -123,6 +124,9 @@ pub fn state(view: &LockView) -> Value {
         "serial": view.serial,
         "state": view.state,
         "jammed": view.jammed,
+        "door": view.door,
+        "last_trigger": view.last_trigger,
+        "last_access_id": view.last_access_id,
         "status": view.status,
         "battery": view.battery,
         "charging": view.charging,
@@ -219,7 +223,7 @@ pub fn discovery(d: &Discovery, view: &LockView) -> Vec<(String, Value)> {
         "state_open": "OPEN",
         "state_opening": "OPENING",
         "json_attributes_topic": state_topic,
-        "json_attributes_template": "{{ {'status': value_json.status, 'charging': value_json.charging} | tojson }}",
+        "json_attributes_template": "{{ {'status': value_json.status, 'charging': value_json.charging, 'last_trigger': value_json.last_trigger, 'last_access_id': value_json.last_access_id} | tojson }}",
         "optimistic": false,
         "qos": 1,
     });
@@ -241,7 +245,7 @@ pub fn discovery(d: &Discovery, view: &LockView) -> Vec<(String, Value)> {
             "entity_category": "diagnostic",
         })
     };
-    vec![
+    let mut docs = vec![
         (format!("{}/lock/{node}/{object}/config", d.prefix), lock),
         (
             format!("{}/sensor/{node}/{object}_battery/config", d.prefix),
@@ -251,8 +255,36 @@ pub fn discovery(d: &Discovery, view: &LockView) -> Vec<(String, Value)> {
             format!("{}/sensor/{node}/{object}_rssi/config", d.prefix),
             sensor("rssi", "signal_strength", "dBm", "rssi"),
         ),
-    ]
+    ];
+    // The door, once the lock has shown it has a door sensor (named "Door" by its class).
+    if has_door_sensor(view) {
+        docs.push((
+            format!("{}/binary_sensor/{node}/{object}_door/config", d.prefix),
+            json!({
+                "unique_id": format!("{node}_{object}_door"),
+                "device": device,
+                "origin": origin(d.version),
+                "availability": availability,
+                "availability_mode": "all",
+                "state_topic": state_topic,
+                "value_template": DOOR_TEMPLATE,
+                "payload_on": "ON",
+                "payload_off": "OFF",
+                "device_class": "door",
+            }),
+        ));
+    }
+    docs
 }
+
+/// Whether the lock has reported a door it can see (a lock without a door sensor reports
+/// `unknown`, and gets no door entity).
+pub fn has_door_sensor(view: &LockView) -> bool {
+    matches!(view.door, Some(DoorState::Open | DoorState::Closed))
+}
+
+/// Open is ON for a door binary sensor; anything else is unknown.
+const DOOR_TEMPLATE: &str = "{{ {'open': 'ON', 'closed': 'OFF'}.get(value_json.door, 'None') }}";
 
 /// The gateway's device and its connectivity sensor (from `<root>/status`), named after its
 /// device class ("Connectivity").

@@ -163,6 +163,122 @@ impl fmt::Display for LockState {
 pub const STATUS_OK: u8 = 0x00;
 pub const STATUS_JAMMED: u8 = 0x01;
 
+/// The door as the lock's door sensor sees it (spec §5.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DoorState {
+    /// No door sensor, or it does not know.
+    Unknown,
+    Open,
+    Closed,
+}
+
+impl DoorState {
+    pub fn from_byte(b: u8) -> DoorState {
+        match b {
+            0x02 => DoorState::Open,
+            0x03 => DoorState::Closed,
+            _ => DoorState::Unknown,
+        }
+    }
+
+    pub fn byte(self) -> u8 {
+        match self {
+            DoorState::Unknown => 0x00,
+            DoorState::Open => 0x02,
+            DoorState::Closed => 0x03,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DoorState::Unknown => "unknown",
+            DoorState::Open => "open",
+            DoorState::Closed => "closed",
+        }
+    }
+}
+
+/// What caused a state change (spec §5.3); locks may send values not listed.
+pub mod trigger {
+    pub const BUTTON: u8 = 0x01;
+    pub const REMOTE: u8 = 0x02;
+    pub const AUTO_LOCK: u8 = 0x04;
+    pub const DOOR_SENSOR: u8 = 0x10;
+
+    /// The name front ends show; an unlisted value keeps its number.
+    pub fn name(t: u8) -> String {
+        match t {
+            BUTTON => "button".into(),
+            REMOTE => "remote".into(),
+            AUTO_LOCK => "auto-lock".into(),
+            DOOR_SENSOR => "door-sensor".into(),
+            other => format!("other-0x{other:02x}"),
+        }
+    }
+}
+
+/// 0xBA LOCK_STATUS_CHANGE's parameters (spec §5.3): the short form the docs list (state,
+/// status) or the long form real locks send (…, trigger, access id, door state).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatusChange {
+    pub state: LockState,
+    pub jammed: bool,
+    /// Only in the long form.
+    pub cause: Option<Cause>,
+}
+
+/// The long form's tail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cause {
+    pub trigger: u8,
+    /// Who caused it: non-zero for a user's action.
+    pub access_id: u32,
+    pub door: DoorState,
+}
+
+impl StatusChange {
+    /// State and status are required; the long form's tail is read when all of it is there
+    /// (8 parameter bytes). Bytes past it are ignored, as a later firmware may add fields; a
+    /// partial tail is not guessed at.
+    pub fn parse(params: &[u8]) -> Result<StatusChange, Malformed> {
+        let [state, status, rest @ ..] = params else {
+            return Err(super::wire::malformed(
+                "LOCK_STATUS_CHANGE (state and status)",
+            ));
+        };
+        let cause = match rest {
+            [trigger, a0, a1, a2, a3, door, ..] => Some(Cause {
+                trigger: *trigger,
+                access_id: u32::from_be_bytes([*a0, *a1, *a2, *a3]),
+                door: DoorState::from_byte(*door),
+            }),
+            _ => None,
+        };
+        Ok(StatusChange {
+            state: LockState::from_byte(*state),
+            jammed: *status == STATUS_JAMMED,
+            cause,
+        })
+    }
+
+    /// The notification body, `0xBA ‖ params`, in the form this value has.
+    pub fn encode(&self) -> Vec<u8> {
+        let status = if self.jammed {
+            STATUS_JAMMED
+        } else {
+            STATUS_OK
+        };
+        let mut out = vec![notif::LOCK_STATUS_CHANGE, self.state.byte(), status];
+        if let Some(c) = self.cause {
+            out.push(c.trigger);
+            out.extend_from_slice(&c.access_id.to_be_bytes());
+            out.push(c.door.byte());
+        }
+        out
+    }
+}
+
 /// PTLS alert codes (spec §6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Alert {
@@ -277,5 +393,42 @@ impl SignedTime {
             datetime,
             signature,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_change_reads_both_forms_and_refuses_less() {
+        let short = StatusChange::parse(&[0x06, 0x00]).unwrap();
+        assert_eq!(
+            (short.state, short.jammed, short.cause),
+            (LockState::Locked, false, None)
+        );
+        // As a Tedee GO 2 sends it: unlocked by a user's app (access id 0x01020304), door open.
+        let long = StatusChange::parse(&[0x02, 0x00, 0x02, 1, 2, 3, 4, 0x02]).unwrap();
+        assert_eq!(
+            long.cause,
+            Some(Cause {
+                trigger: trigger::REMOTE,
+                access_id: 0x0102_0304,
+                door: DoorState::Open
+            })
+        );
+        assert_eq!(long.encode()[1..], [0x02, 0x00, 0x02, 1, 2, 3, 4, 0x02]);
+        assert_eq!(short.encode(), [0xBA, 0x06, 0x00]);
+        // A partial tail is not guessed at; extra bytes after the long form are ignored.
+        assert_eq!(
+            StatusChange::parse(&[0x03, 0x01, 0x01]).unwrap().cause,
+            None
+        );
+        let longer = StatusChange::parse(&[0x06, 0x00, 0x04, 0, 0, 0, 0, 0x03, 0xFF]).unwrap();
+        assert_eq!(longer.cause.unwrap().door, DoorState::Closed);
+        assert!(StatusChange::parse(&[0x06]).is_err());
+        assert!(StatusChange::parse(&[]).is_err());
+        assert_eq!(trigger::name(0x10), "door-sensor");
+        assert_eq!(trigger::name(0x20), "other-0x20");
     }
 }

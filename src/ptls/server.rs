@@ -380,10 +380,9 @@ impl Server {
             Ok(p) => p,
             Err(e) => return self.fail(Alert::Error, e.into()),
         };
-        let mut mtu = u8::try_from(self.config.att_mtu.saturating_sub(3)).unwrap_or(u8::MAX);
-        if ch.mtu != 0 {
-            mtu = mtu.min(ch.mtu);
-        }
+        // SERVER_MTU is the lock's own limit (spec §3.2, revised): the client's MTU byte is not
+        // a cap, as real locks show — clients announce 23 and still send 150-byte pieces.
+        let mtu = u8::try_from(self.config.att_mtu.saturating_sub(3)).unwrap_or(u8::MAX);
         let mut random = [0u8; 32];
         self.rng.fill_bytes(&mut random);
         let ephemeral = SecretKey::random(&mut self.rng);

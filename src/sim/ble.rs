@@ -32,6 +32,8 @@ enum Input {
         channel: Channel,
         value: Vec<u8>,
         mtu: u16,
+        /// The ATT answer: a value longer than the link carries is refused (spec §3.2).
+        answer: tokio::sync::oneshot::Sender<Result<(), ReqError>>,
     },
     Subscribed {
         lock: usize,
@@ -61,14 +63,17 @@ fn write_char(lock: usize, channel: Channel, tx: mpsc::UnboundedSender<Input>) -
             method: CharacteristicWriteMethod::Fun(Box::new(move |value, req| {
                 let tx = tx.clone();
                 async move {
+                    let (answer, answered) = tokio::sync::oneshot::channel();
                     tx.send(Input::Write {
                         lock,
                         device: req.device_address,
                         channel,
                         value,
                         mtu: req.mtu,
+                        answer,
                     })
-                    .map_err(|_| ReqError::Failed)
+                    .map_err(|_| ReqError::Failed)?;
+                    answered.await.unwrap_or(Err(ReqError::Failed))
                 }
                 .boxed()
             })),
@@ -210,7 +215,7 @@ pub async fn serve_ble(
                             locks[lock].subscribe(*conn, channel, true);
                         }
                     }
-                    Input::Write { lock, device, channel, value, mtu } => {
+                    Input::Write { lock, device, channel, value, mtu, answer } => {
                         let conn = match conns[lock].get(&device) {
                             Some(c) => *c,
                             None => match locks[lock].connect(now, mtu.saturating_add(3)) {
@@ -225,10 +230,23 @@ pub async fn serve_ble(
                                 }
                                 Err(r) => {
                                     log::warn!("sim: {}: refused {device}: {r:?}", locks[lock].serial());
+                                    // As before: the write is taken, the lock never hears it.
+                                    let _ = answer.send(Ok(()));
                                     continue;
                                 }
                             },
                         };
+                        if let Some(limit) = locks[lock].value_limit(conn).filter(|&l| value.len() > l) {
+                            log::warn!(
+                                "sim: {}: refused a {}-byte write on {channel:?} from {device}: ATT MTU {} takes at most {limit}",
+                                locks[lock].serial(),
+                                value.len(),
+                                limit + 3
+                            );
+                            let _ = answer.send(Err(ReqError::InvalidValueLength));
+                            continue;
+                        }
+                        let _ = answer.send(Ok(()));
                         locks[lock].write(now, conn, channel, &value);
                     }
                     Input::Gone { lock, device } => {

@@ -16,11 +16,15 @@ pub struct ChaosConfig {
     /// Mean time between two faults anywhere in the world; 0 turns chaos off. Each gap is
     /// drawn uniformly from half to one and a half times this.
     pub mean_interval_ms: u64,
-    /// Relative weights of the four faults (0 leaves one out).
+    /// Relative weights of the faults (0 leaves one out). `door` opens a closed door and
+    /// closes an open one (locks with a door sensor); `button` presses the lock's button.
+    /// Both are off by default: they move locks without a command.
     pub loss_burst: f64,
     pub disconnect: f64,
     pub reboot: f64,
     pub lose_time: f64,
+    pub door: f64,
+    pub button: f64,
     /// How long a loss burst drops every value to and from its lock.
     pub loss_burst_ms: u64,
     /// How long a rebooting lock refuses connections.
@@ -36,6 +40,8 @@ impl Default for ChaosConfig {
             disconnect: 1.0,
             reboot: 1.0,
             lose_time: 1.0,
+            door: 0.0,
+            button: 0.0,
             loss_burst_ms: 2_000,
             reboot_ms: 1_500,
             seed: 0,
@@ -50,6 +56,8 @@ impl ChaosConfig {
             self.disconnect,
             self.reboot,
             self.lose_time,
+            self.door,
+            self.button,
         ];
         if weights.iter().any(|w| !w.is_finite() || *w < 0.0) {
             return Err("chaos: weights must be 0 or more".into());
@@ -72,6 +80,10 @@ pub enum Fault {
     Reboot(Duration),
     /// The lock forgets its clock and asks connected clients for the time.
     LoseTime,
+    /// The door opens if closed, closes if open.
+    Door,
+    /// Someone presses the lock's button.
+    Button,
 }
 
 impl Fault {
@@ -81,6 +93,8 @@ impl Fault {
             Fault::Disconnect => "disconnect",
             Fault::Reboot(_) => "reboot",
             Fault::LoseTime => "lose-time",
+            Fault::Door => "door",
+            Fault::Button => "button",
         }
     }
 }
@@ -124,7 +138,14 @@ impl Chaos {
         self.next.filter(|at| *at <= now)?;
         self.next = self.gap().map(|g| now + g);
         let c = &self.config;
-        let weights = [c.loss_burst, c.disconnect, c.reboot, c.lose_time];
+        let weights = [
+            c.loss_burst,
+            c.disconnect,
+            c.reboot,
+            c.lose_time,
+            c.door,
+            c.button,
+        ];
         let total: f64 = weights.iter().sum();
         let mut pick = (self.rng.next_u64() as f64 / u64::MAX as f64) * total;
         let mut kind = 0;
@@ -141,7 +162,9 @@ impl Chaos {
             0 => Fault::LossBurst(Duration::from_millis(c.loss_burst_ms)),
             1 => Fault::Disconnect,
             2 => Fault::Reboot(Duration::from_millis(c.reboot_ms)),
-            _ => Fault::LoseTime,
+            3 => Fault::LoseTime,
+            4 => Fault::Door,
+            _ => Fault::Button,
         };
         let lock = (self.rng.next_u64() % self.locks as u64) as usize;
         Some((lock, fault))

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::chaos::ChaosConfig;
-use super::model::{Behaviour, LockSpec};
+use super::model::{Behaviour, LockSpec, MAX_SCRIPT_MS, MAX_SCRIPT_STEPS, ScriptStep};
 use crate::fault::FaultConfig;
 use crate::keys;
 use crate::ptls::gatt;
@@ -47,6 +47,9 @@ pub struct LockConfig {
     pub authority_public_key: String,
     #[serde(default)]
     pub behaviour: Behaviour,
+    /// Door openings and button presses at set times (`[[lock.script]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub script: Vec<ScriptStep>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,12 +126,25 @@ impl SimConfig {
             if l.behaviour.att_mtu < crate::ptls::wire::MIN_ATT_MTU {
                 return Err(err("behaviour.att_mtu", "must be at least 156".into()));
             }
+            if l.script.len() > MAX_SCRIPT_STEPS {
+                return Err(err(
+                    "script",
+                    format!("{} steps; at most {MAX_SCRIPT_STEPS}", l.script.len()),
+                ));
+            }
+            if let Some(step) = l.script.iter().find(|s| s.after_ms > MAX_SCRIPT_MS) {
+                return Err(err(
+                    "script.after_ms",
+                    format!("{} is more than 30 days ({MAX_SCRIPT_MS})", step.after_ms),
+                ));
+            }
             specs.push(LockSpec {
                 serial: l.serial.clone(),
                 device_id: l.device_id,
                 key,
                 authority,
                 behaviour: l.behaviour.clone(),
+                script: l.script.clone(),
             });
         }
         Ok(specs)

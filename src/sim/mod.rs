@@ -134,6 +134,7 @@ pub fn init(dir: &Path, locks: usize) -> Result<InitSummary, InitError> {
             key_file,
             authority_public_key: authority_public.clone(),
             behaviour: Behaviour::default(),
+            script: Vec::new(),
         });
     }
     write_config(&sim_config, &config)?;

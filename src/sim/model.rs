@@ -13,7 +13,9 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::ptls::api::{self, LockState, SignedTime, mode, notif, op, result};
+use crate::ptls::api::{
+    self, Cause, DoorState, LockState, SignedTime, StatusChange, mode, notif, op, result, trigger,
+};
 use crate::ptls::cert::{PERM_LOCK_UNLOCK, PERM_PULL_SPRING, PERM_READ};
 use crate::ptls::pair::Endpoint;
 use crate::ptls::{
@@ -44,6 +46,9 @@ pub struct Behaviour {
     /// Drop a link with no traffic for this long (a real lock: roughly 25–90 s); 0 = never.
     pub idle_disconnect_ms: u64,
     pub session_lifetime_ms: u64,
+    /// A door sensor is fitted: LOCK_STATUS_CHANGE reports the door (closed at start);
+    /// without one it reports `unknown`, as a real lock does.
+    pub door_sensor: bool,
 }
 
 impl Default for Behaviour {
@@ -63,6 +68,7 @@ impl Default for Behaviour {
             hello_timeout_ms: 10_000,
             idle_disconnect_ms: 60_000,
             session_lifetime_ms: 24 * 3_600_000,
+            door_sensor: false,
         }
     }
 }
@@ -82,6 +88,31 @@ pub struct LockSpec {
     pub key: SigningKey,
     pub authority: VerifyingKey,
     pub behaviour: Behaviour,
+    /// Things that happen to the lock at set times after the simulator starts.
+    pub script: Vec<ScriptStep>,
+}
+
+/// One entry of a lock's script (`[[lock.script]]` in sim.toml).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScriptStep {
+    /// When, counted from the simulator's start (at most [`MAX_SCRIPT_MS`]).
+    pub after_ms: u64,
+    pub event: Happening,
+}
+
+/// The longest a script reaches: 30 days.
+pub const MAX_SCRIPT_MS: u64 = 30 * 86_400_000;
+/// The most steps one lock's script may hold.
+pub const MAX_SCRIPT_STEPS: usize = 1_000;
+
+/// Something that happens to a lock from outside: the door, or a person at the lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Happening {
+    OpenDoor,
+    CloseDoor,
+    PressButton,
 }
 
 pub type ConnId = u64;
@@ -118,12 +149,24 @@ pub struct Actuation {
     pub result: String,
     /// The state right after the command was accepted (or the unchanged state if refused).
     pub state: LockState,
+    /// What moved it: `remote` (a command over a connection) or `button` (on the lock).
+    #[serde(default = "remote")]
+    pub trigger: String,
+}
+
+fn remote() -> String {
+    "remote".into()
 }
 
 struct Conn {
     server: Server,
     subscribed: [bool; 4],
     permissions: u32,
+    /// Who this connection's certificate says it is: the access id its commands are reported
+    /// with (the first four bytes of the certificate's client id).
+    access_id: u32,
+    /// The negotiated ATT MTU: no value either way may exceed `att_mtu − 3` (spec §3.2).
+    att_mtu: u16,
 }
 
 pub struct Lock {
@@ -132,8 +175,14 @@ pub struct Lock {
     wall: WallClock,
     state: LockState,
     jammed: bool,
+    door: DoorState,
+    /// What caused the current (or last) movement: (trigger, access id), as LOCK_STATUS_CHANGE
+    /// reports it.
+    cause: (u8, u32),
     battery: f64,
     charging: bool,
+    /// The script's steps still to come, earliest first.
+    script: VecDeque<(Instant, Happening)>,
     /// Upcoming state changes of the current movement.
     motion: VecDeque<(Instant, LockState, bool)>,
     /// State changes applied by the current command, notified after its response.
@@ -174,6 +223,24 @@ impl Lock {
             wall,
             state,
             jammed: false,
+            door: if b.door_sensor {
+                DoorState::Closed
+            } else {
+                DoorState::Unknown
+            },
+            cause: (trigger::REMOTE, 0),
+            script: {
+                let mut steps: Vec<(Instant, Happening)> = spec
+                    .script
+                    .iter()
+                    .filter_map(|s| {
+                        let after = Duration::from_millis(s.after_ms.min(MAX_SCRIPT_MS));
+                        Some((wall.at.checked_add(after)?, s.event))
+                    })
+                    .collect();
+                steps.sort_by_key(|s| s.0);
+                steps.into()
+            },
             battery: f64::from(b.battery.min(100)),
             charging: false,
             motion: VecDeque::new(),
@@ -205,6 +272,10 @@ impl Lock {
         self.jammed
     }
 
+    pub fn door(&self) -> DoorState {
+        self.door
+    }
+
     pub fn battery(&self) -> u8 {
         self.battery.round() as u8
     }
@@ -232,6 +303,73 @@ impl Lock {
     /// The next movement jams.
     pub fn force_jam(&mut self) {
         self.force_jam_next = true;
+    }
+
+    /// A scripted or chaos happening; logged with what the lock made of it.
+    pub fn happen(&mut self, now: Instant, happening: Happening) {
+        let noticed = match happening {
+            Happening::OpenDoor => self.set_door(now, true),
+            Happening::CloseDoor => self.set_door(now, false),
+            Happening::PressButton => self.press_button(now),
+        };
+        log::info!(
+            "sim: {}: {happening:?}{}",
+            self.spec.serial,
+            if noticed {
+                ""
+            } else {
+                " (no effect: no door sensor, or the lock is busy)"
+            }
+        );
+    }
+
+    /// The door opens or closes. Only a lock with a door sensor notices: it reports the door
+    /// with trigger `door-sensor` (access id 0). Returns whether it noticed.
+    pub fn set_door(&mut self, now: Instant, open: bool) -> bool {
+        if !self.spec.behaviour.door_sensor {
+            return false;
+        }
+        self.door = if open {
+            DoorState::Open
+        } else {
+            DoorState::Closed
+        };
+        // The door's own change; the current movement keeps its cause.
+        let movement = std::mem::replace(&mut self.cause, (trigger::DOOR_SENSOR, 0));
+        self.notify_state(now, self.state, self.jammed);
+        self.cause = movement;
+        true
+    }
+
+    /// Someone presses the lock's button: a locked (or jammed half-way) lock unlocks, an
+    /// unlocked one locks, reported with trigger `button` and access id 0 and recorded in the
+    /// event log like a command. A lock that is moving or uncalibrated ignores it.
+    pub fn press_button(&mut self, now: Instant) -> bool {
+        let opcode = match self.state {
+            LockState::Unlocked => op::LOCK,
+            LockState::Locked | LockState::PartiallyUnlocked => op::UNLOCK,
+            _ => return false,
+        };
+        if !self.motion.is_empty() {
+            return false;
+        }
+        self.cause = (trigger::BUTTON, 0);
+        let code = self.actuate(now, opcode, mode::NORMAL);
+        self.actuations.push(Actuation {
+            t_ms: self.wall.unix_ms_at(now),
+            lock: self.spec.serial.clone(),
+            conn: 0,
+            command: op::name(opcode).to_ascii_lowercase(),
+            mode: mode::NORMAL,
+            result: result::name(code).to_string(),
+            state: self.state,
+            trigger: "button".into(),
+        });
+        let pending: Vec<(LockState, bool)> = self.pending_notifications.drain(..).collect();
+        for (state, jammed) in pending {
+            self.notify_state(now, state, jammed);
+        }
+        code == result::SUCCESS
     }
 
     pub fn set_registered(&mut self, registered: bool) {
@@ -309,6 +447,8 @@ impl Lock {
                 server,
                 subscribed: [false; 4],
                 permissions: 0,
+                access_id: 0,
+                att_mtu: mtu,
             },
         );
         Ok((id, mtu))
@@ -330,12 +470,27 @@ impl Lock {
         self.pump(now, conn);
     }
 
+    /// The largest value the connection's ATT link carries, `ATT_MTU − 3` (spec §3.2): the
+    /// transports refuse longer writes before they reach the lock.
+    pub fn value_limit(&self, conn: ConnId) -> Option<usize> {
+        self.conns
+            .get(&conn)
+            .map(|c| usize::from(c.att_mtu).saturating_sub(3))
+    }
+
     /// The link is gone (either side): the session is wiped with it.
     pub fn disconnect(&mut self, conn: ConnId) {
         self.conns.remove(&conn);
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&(at, happening)) = self.script.front() {
+            if at > now {
+                break;
+            }
+            self.script.pop_front();
+            self.happen(now, happening);
+        }
         while let Some(&(at, state, jammed)) = self.motion.front() {
             if at > now {
                 break;
@@ -365,10 +520,12 @@ impl Lock {
 
     pub fn poll_timeout(&self) -> Option<Instant> {
         let motion = self.motion.front().map(|m| m.0);
+        let script = self.script.front().map(|s| s.0);
         self.conns
             .values()
             .filter_map(|c| c.server.poll_timeout())
             .chain(motion)
+            .chain(script)
             .min()
     }
 
@@ -383,8 +540,17 @@ impl Lock {
             let mut progressed = false;
             while let Some(Transmit { channel, bytes }) = c.server.poll_transmit() {
                 progressed = true;
-                // The lock never sends on a characteristic whose subscription is off.
-                if c.subscribed[channel_index(channel)] {
+                // The lock never sends on a characteristic whose subscription is off, nor a
+                // value its ATT link cannot carry.
+                let limit = usize::from(c.att_mtu).saturating_sub(3);
+                if bytes.len() > limit {
+                    log::error!(
+                        "sim: {}: a {}-byte value on {channel:?} does not fit ATT MTU {}; not sent",
+                        self.spec.serial,
+                        bytes.len(),
+                        c.att_mtu
+                    );
+                } else if c.subscribed[channel_index(channel)] {
                     self.out.push_back(Output::Value {
                         conn,
                         channel,
@@ -400,7 +566,10 @@ impl Lock {
             };
             match event {
                 ServerEvent::Established { certificate, .. } => {
-                    c.permissions = certificate.certificate().permissions;
+                    let cert = certificate.certificate();
+                    c.permissions = cert.permissions;
+                    let id = &cert.client_id;
+                    c.access_id = u32::from_be_bytes([id[0], id[1], id[2], id[3]]);
                 }
                 ServerEvent::Command { body, encrypted } => {
                     self.on_command(now, conn, &body, encrypted)
@@ -457,7 +626,9 @@ impl Lock {
                     PERM_LOCK_UNLOCK
                 };
                 let mode = params.first().copied().unwrap_or(mode::NORMAL);
+                let access_id = self.conns.get(&conn).map_or(0, |c| c.access_id);
                 let code = if allowed(needed) {
+                    self.cause = (trigger::REMOTE, access_id);
                     self.actuate(now, opcode, mode)
                 } else {
                     result::NO_PERMISSION
@@ -470,6 +641,7 @@ impl Lock {
                     mode,
                     result: result::name(code).to_string(),
                     state: self.state,
+                    trigger: remote(),
                 });
                 vec![opcode, code]
             }
@@ -609,13 +781,19 @@ impl Lock {
         self.notify_state(now, state, jammed);
     }
 
+    /// LOCK_STATUS_CHANGE in the long form real locks send (spec §5.3).
     fn notify_state(&mut self, now: Instant, state: LockState, jammed: bool) {
-        let status = if jammed {
-            api::STATUS_JAMMED
-        } else {
-            api::STATUS_OK
+        let (trigger, access_id) = self.cause;
+        let change = StatusChange {
+            state,
+            jammed,
+            cause: Some(Cause {
+                trigger,
+                access_id,
+                door: self.door,
+            }),
         };
-        self.notify_all(now, &[notif::LOCK_STATUS_CHANGE, state.byte(), status]);
+        self.notify_all(now, &change.encode());
     }
 
     fn notify_all(&mut self, now: Instant, body: &[u8]) {
@@ -689,6 +867,7 @@ impl LockSpec {
             key: f.lock_key.clone(),
             authority: *f.authority.verifying_key(),
             behaviour,
+            script: Vec::new(),
         }
     }
 }

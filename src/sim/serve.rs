@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::mpsc;
 
 use super::chaos::{Chaos, ChaosConfig, Fault};
-use super::model::{ConnId, Lock, LockSpec, Output, Refusal};
+use super::model::{ConnId, Happening, Lock, LockSpec, Output, Refusal};
 use super::wire::{self, SimMsg, read_msg, write_msg};
 use crate::fault::{Direction, Fate, FaultConfig, FaultyPipe};
 use crate::ptls::{Channel, WallClock};
@@ -310,7 +310,24 @@ impl World {
                 with_response,
                 value,
             } => {
-                if sock.binding.is_none() {
+                let Some((serial, conn)) = &sock.binding else {
+                    return;
+                };
+                // The ATT server refuses a value its link cannot carry (spec §3.2), as BlueZ
+                // and a real lock do: with response an error answer, without it dropped.
+                let limit = self.locks.get(serial).and_then(|l| l.value_limit(*conn));
+                if let Some(limit) = limit.filter(|&l| value.len() > l) {
+                    log::warn!(
+                        "sim: {serial}: refused a {}-byte write on {channel:?}: ATT MTU {} takes at most {limit}",
+                        value.len(),
+                        limit + 3
+                    );
+                    if with_response {
+                        let _ = sock.tx.send(SimMsg::WriteError {
+                            channel,
+                            att_error: wire::ATT_INVALID_VALUE_LENGTH,
+                        });
+                    }
                     return;
                 }
                 if with_response {
@@ -332,6 +349,7 @@ impl World {
             SimMsg::Connected { .. }
             | SimMsg::Refused { .. }
             | SimMsg::WriteAck { .. }
+            | SimMsg::WriteError { .. }
             | SimMsg::Subscribed { .. }
             | SimMsg::Seen
             | SimMsg::Value { .. } => {}
@@ -446,6 +464,18 @@ impl World {
             Fault::Disconnect => lock.drop_links(wire::DISCONNECT_FAULT),
             Fault::Reboot(d) => lock.reboot(now, d),
             Fault::LoseTime => lock.lose_trusted_time(now),
+            Fault::Door => {
+                let open = lock.door() != crate::ptls::api::DoorState::Open;
+                lock.happen(
+                    now,
+                    if open {
+                        Happening::OpenDoor
+                    } else {
+                        Happening::CloseDoor
+                    },
+                );
+            }
+            Fault::Button => lock.happen(now, Happening::PressButton),
         }
     }
 

@@ -17,6 +17,7 @@ pub const PROBE: u8 = 0x04;
 pub const SEEN: u8 = 0x05;
 pub const WRITE: u8 = 0x10;
 pub const WRITE_ACK: u8 = 0x11;
+pub const WRITE_ERROR: u8 = 0x14;
 pub const SUBSCRIBE: u8 = 0x12;
 pub const SUBSCRIBED: u8 = 0x13;
 pub const VALUE: u8 = 0x20;
@@ -26,6 +27,8 @@ pub const DISCONNECT: u8 = 0x30;
 pub const REFUSED_UNKNOWN_LOCK: u8 = 1;
 pub const REFUSED_TOO_MANY: u8 = 2;
 pub const REFUSED_BUSY: u8 = 3;
+/// The ATT error WRITE_ERROR carries for a value longer than `ATT_MTU − 3`.
+pub const ATT_INVALID_VALUE_LENGTH: u8 = 0x0D;
 /// Reasons carried by DISCONNECT.
 pub const DISCONNECT_NORMAL: u8 = 0;
 pub const DISCONNECT_IDLE: u8 = 1;
@@ -57,6 +60,11 @@ pub enum SimMsg {
     },
     WriteAck {
         channel: Channel,
+    },
+    /// A write with response the lock's ATT server refused (the value never reached the lock).
+    WriteError {
+        channel: Channel,
+        att_error: u8,
     },
     Subscribe {
         channel: Channel,
@@ -96,6 +104,9 @@ impl SimMsg {
                 (WRITE, p)
             }
             SimMsg::WriteAck { channel } => (WRITE_ACK, vec![channel.short()]),
+            SimMsg::WriteError { channel, att_error } => {
+                (WRITE_ERROR, vec![channel.short(), *att_error])
+            }
             SimMsg::Subscribe { channel, on } => (SUBSCRIBE, vec![channel.short(), u8::from(*on)]),
             SimMsg::Subscribed { channel } => (SUBSCRIBED, vec![channel.short()]),
             SimMsg::Value { channel, value } => {
@@ -154,6 +165,10 @@ impl SimMsg {
             }
             WRITE_ACK => SimMsg::WriteAck {
                 channel: channel(&mut r)?,
+            },
+            WRITE_ERROR => SimMsg::WriteError {
+                channel: channel(&mut r)?,
+                att_error: r.u8()?,
             },
             SUBSCRIBE => {
                 let channel = channel(&mut r)?;
