@@ -117,34 +117,109 @@ impl Default for Ble {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Provider {
     /// This project's authority issues certificates and signed time locally.
     Authority,
     /// The operator's backend drops certificates and signed time into the state directory.
+    #[default]
     Files,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Credentials {
     pub provider: Provider,
     /// For `authority`: the authority directory (`lockbridge authority init`).
-    pub authority_dir: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authority_dir: Option<PathBuf>,
     /// For `authority`: what the issued certificates allow (lock, pull, read).
-    pub permissions: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub permissions: Option<String>,
     /// For `authority`: validity of issued certificates.
-    pub validity_days: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validity_days: Option<u64>,
+    /// For `tedee`.
+    pub tedee: Tedee,
 }
 
-impl Default for Credentials {
+impl Credentials {
+    pub fn authority_dir(&self) -> PathBuf {
+        self.authority_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/var/lib/lockbridge/authority"))
+    }
+
+    pub fn permissions(&self) -> &str {
+        self.permissions.as_deref().unwrap_or("lock,pull,read")
+    }
+
+    pub fn validity_days(&self) -> u64 {
+        self.validity_days.unwrap_or(10)
+    }
+}
+
+/// `[credentials.tedee]` (tedee-cloud.md Part A §2).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tedee {
+    /// Scheme and host only; the provider adds `/api/{api_version}/`.
+    pub api_url: String,
+    /// Sent as is (`v37`); Tedee retires versions on a published schedule.
+    pub api_version: String,
+    /// The Personal Access Key, one line, relative to `gateway.state_dir`; mode 0600.
+    pub pak_file: PathBuf,
+    /// The name this hub registers under; empty = `lockbridge-<hostname>`.
+    pub mobile_name: String,
+    /// A whole request, connect included.
+    pub request_timeout_s: u64,
+    /// This hub's own ceiling (the account's 700/h is shared with the owner's apps).
+    pub max_requests_per_hour: u32,
+    /// Register again by itself when the registration was removed (at most once per 24 h).
+    pub auto_reregister: bool,
+    /// A PEM trust anchor added to the system's roots (for a test double over TLS); empty =
+    /// none. TLS is always verified.
+    pub extra_ca_file: String,
+}
+
+impl Default for Tedee {
     fn default() -> Self {
-        Credentials {
-            provider: Provider::Files,
-            authority_dir: PathBuf::from("/var/lib/lockbridge/authority"),
-            permissions: "lock,pull,read".into(),
-            validity_days: 10,
+        Tedee {
+            api_url: "https://api.tedee.com".into(),
+            api_version: "v37".into(),
+            pak_file: PathBuf::from("tedee.pak"),
+            mobile_name: String::new(),
+            request_timeout_s: 30,
+            max_requests_per_hour: 60,
+            auto_reregister: false,
+            extra_ca_file: String::new(),
+        }
+    }
+}
+
+/// The Tedee account allows 700 requests an hour, shared by every client of the account.
+pub const TEDEE_ACCOUNT_REQUESTS_PER_HOUR: u32 = 700;
+
+impl Tedee {
+    /// `api_url` checked (E-05): `https://`, or `http://` on a loopback host (test doubles).
+    pub fn check_url(url: &str) -> Result<(), String> {
+        const RULE: &str = "must be an https:// URL (http is allowed only on loopback for tests)";
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| RULE.to_string())?;
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.is_empty() || authority.contains(['/', '?', '#', '@', ' ']) {
+            return Err(format!(
+                "{url:?}: give scheme and host only, like https://api.tedee.com (the provider adds /api/<version>/)"
+            ));
+        }
+        let host = match authority.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or_default(),
+            None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+        };
+        match scheme {
+            "https" => Ok(()),
+            "http" if matches!(host, "127.0.0.1" | "::1" | "localhost") => Ok(()),
+            _ => Err(format!("{url:?} {RULE}")),
         }
     }
 }
@@ -698,6 +773,49 @@ impl Config {
         Ok(cfg)
     }
 
+    /// `[credentials.tedee]`: Tedee's cloud, for `lockbridge tedee …` (tedee-cloud.md §2).
+    fn validate_tedee(&self) -> Result<(), (String, String)> {
+        let t = &self.credentials.tedee;
+        let key = |k: &str| format!("credentials.tedee.{k}");
+        Tedee::check_url(&t.api_url).map_err(|e| (key("api_url"), e))?;
+        if t.api_version.is_empty()
+            || t.api_version.len() > 16
+            || !t
+                .api_version
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.')
+        {
+            return Err((
+                key("api_version"),
+                format!(
+                    "{:?}: a version such as \"v37\" (letters, digits and '.')",
+                    t.api_version
+                ),
+            ));
+        }
+        if t.pak_file.as_os_str().is_empty() {
+            return Err((
+                key("pak_file"),
+                "must name the Personal Access Key file".into(),
+            ));
+        }
+        if t.mobile_name.chars().count() > 64 || t.mobile_name.chars().any(char::is_control) {
+            return Err((key("mobile_name"), "at most 64 printable characters".into()));
+        }
+        if !(1..=300).contains(&t.request_timeout_s) {
+            return Err((key("request_timeout_s"), "1 to 300 seconds".into()));
+        }
+        if !(1..=TEDEE_ACCOUNT_REQUESTS_PER_HOUR).contains(&t.max_requests_per_hour) {
+            return Err((
+                key("max_requests_per_hour"),
+                format!(
+                    "1 to {TEDEE_ACCOUNT_REQUESTS_PER_HOUR} (the account's own limit, shared with the owner's apps)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn validate(&self, name: &str) -> Result<(), ConfigError> {
         let err = |key: String, reason: String| ConfigError {
             source_name: name.to_string(),
@@ -743,9 +861,11 @@ impl Config {
             ));
         }
         if self.credentials.provider == Provider::Authority {
-            crate::ptls::cert::parse_permissions(&self.credentials.permissions)
+            crate::ptls::cert::parse_permissions(self.credentials.permissions())
                 .map_err(|e| err("credentials.permissions".into(), e))?;
         }
+        self.validate_tedee()
+            .map_err(|(key, reason)| err(key, reason))?;
         let mut ids = BTreeSet::new();
         let mut serials = BTreeSet::new();
         for (i, l) in self.locks.iter().enumerate() {

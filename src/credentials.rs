@@ -122,11 +122,11 @@ pub fn provider(
 ) -> Result<Arc<dyn CredentialProvider>, CredentialError> {
     Ok(match config.credentials.provider {
         Provider::Authority => Arc::new(AuthorityProvider {
-            authority: Authority::load(&config.credentials.authority_dir)?,
+            authority: Authority::load(&config.credentials.authority_dir())?,
             client_key,
-            permissions: cert::parse_permissions(&config.credentials.permissions)
+            permissions: cert::parse_permissions(config.credentials.permissions())
                 .unwrap_or(cert::PERM_ALL),
-            days: config.credentials.validity_days,
+            days: config.credentials.validity_days(),
         }),
         Provider::Files => Arc::new(FilesProvider {
             dir: config.gateway.state_dir.clone(),

@@ -96,10 +96,38 @@ enum Command {
     /// The certificate and time authority.
     #[command(subcommand)]
     Authority(AuthorityCommand),
+    /// Tedee's cloud: check the Personal Access Key, register this hub (docs/tedee.md).
+    Tedee {
+        #[arg(long, default_value = lockbridge::config::DEFAULT_PATH)]
+        config: PathBuf,
+        #[command(subcommand)]
+        what: TedeeCommand,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff), as the package installs it.
     Man,
+}
+
+#[derive(Subcommand)]
+enum TedeeCommand {
+    /// List the account's locks with the key (one request) and check the configured ones.
+    Check {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Register this hub's key as a Tedee mobile (once; a registration on file is checked).
+    Register {
+        /// The name the owner sees in the Tedee app (default credentials.tedee.mobile_name,
+        /// or lockbridge-<hostname>).
+        #[arg(long)]
+        name: Option<String>,
+        /// Register again even though Tedee still knows this hub.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Delete this hub's mobile at Tedee and its Tedee state.
+    Unregister,
 }
 
 #[derive(Subcommand)]
@@ -407,6 +435,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sim { .. } => anyhow::bail!(
             "sim needs --config FILE with --listen ADDR or --ble, or `sim init DIR` (see lockbridge sim --help)"
         ),
+        Command::Tedee { config, what } => {
+            let config = lockbridge::config::Config::load(&config)?;
+            let tedee = lockbridge::tedee::cli::Tedee::open(config)?;
+            runtime()?.block_on(async {
+                match what {
+                    TedeeCommand::Check { json } => {
+                        if !lockbridge::tedee::cli::check(&tedee, json, &mut out).await? {
+                            anyhow::bail!("tedee check found problems (above)");
+                        }
+                        Ok(())
+                    }
+                    TedeeCommand::Register { name, force } => {
+                        lockbridge::tedee::cli::register(&tedee, name, force, &mut out).await
+                    }
+                    TedeeCommand::Unregister => {
+                        lockbridge::tedee::cli::unregister(&tedee, &mut out).await
+                    }
+                }
+            })
+        }
         Command::Keys(KeysCommand::Init { out: path }) => {
             let key = keys::generate(&path)?;
             writeln!(out, "{}", keys::public_b64(key.verifying_key()))?;
@@ -467,7 +515,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// One lock's view as a line of text, for `local` and `ctl`.
 fn lock_line(v: &serde_json::Value) -> String {
-    format!(
+    let mut line = format!(
         "{:<16} {:<15} {:<18} battery {:>4}",
         v["id"].as_str().unwrap_or("?"),
         v["status"].as_str().unwrap_or("?"),
@@ -476,7 +524,12 @@ fn lock_line(v: &serde_json::Value) -> String {
             .as_u64()
             .map(|b| format!("{b}%"))
             .unwrap_or_else(|| "?".into())
-    )
+    );
+    // Only locks with a door sensor say where the door is.
+    if let Some(door) = v["door"].as_str().filter(|d| *d != "unknown") {
+        line.push_str(&format!("  door {door}"));
+    }
+    line
 }
 
 async fn ctl(

@@ -23,6 +23,7 @@ const SUBCOMMANDS: &[&str] = &[
     "sim",
     "keys",
     "authority",
+    "tedee",
     "completions",
 ];
 

@@ -5,11 +5,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttc::v5;
 use tokio::sync::mpsc;
+
+pub use crate::backoff::Backoff;
 
 /// A message received on a subscription.
 #[derive(Debug)]
@@ -127,41 +128,6 @@ pub enum EventLoop {
     V311(Box<rumqttc::EventLoop>),
 }
 
-/// How long to wait before connecting again: doubling from `min` to `max`, each delay drawn
-/// between its half and its whole (jitter, so a fleet of hubs does not reconnect in step).
-#[derive(Clone, Debug)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    failures: u32,
-}
-
-impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Backoff {
-        Backoff {
-            min,
-            max: max.max(min),
-            failures: 0,
-        }
-    }
-
-    /// The next delay; `random` is any random number (an input, so tests are exact).
-    pub fn next(&mut self, random: u64) -> Duration {
-        let ceiling = self
-            .min
-            .saturating_mul(1u32 << self.failures.min(20))
-            .min(self.max);
-        self.failures = self.failures.saturating_add(1);
-        let half = ceiling / 2;
-        let span = (ceiling - half).as_millis() as u64;
-        half + Duration::from_millis(if span == 0 { 0 } else { random % (span + 1) })
-    }
-
-    pub fn reset(&mut self) {
-        self.failures = 0;
-    }
-}
-
 /// Poll `eventloop` until `incoming` closes or, once `stopping` is set, the connection ends,
 /// sending what the bridge needs. Failed connections wait out `backoff`; `reconnects` counts
 /// them.
@@ -248,31 +214,5 @@ fn from_v311(event: rumqttc::Event) -> Option<Incoming> {
             correlation: None,
         })),
         _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_to_its_cap_with_jitter_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(4));
-        // The largest draw each time: 0.5, 1, 2, 4, 4 s.
-        let top: Vec<_> = (0..5).map(|_| b.next(u64::MAX - 1)).collect();
-        let expect = [500, 1000, 2000, 4000, 4000];
-        for (d, e) in top.iter().zip(expect) {
-            assert!(d.as_millis() <= e && d.as_millis() >= e / 2, "{d:?} vs {e}");
-        }
-        b.reset();
-        // The smallest draw: half the ceiling.
-        assert_eq!(b.next(0), Duration::from_millis(250));
-        assert_eq!(b.next(0), Duration::from_millis(500));
-        // Every draw stays within [ceiling/2, ceiling].
-        let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
-        for i in 0..40u64 {
-            let d = b.next(i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            assert!(d <= Duration::from_secs(60) && d >= Duration::from_millis(250));
-        }
     }
 }
