@@ -111,47 +111,93 @@ say "cargo fmt --check"
 cargo fmt --check
 cargo fmt --check --manifest-path fuzz/Cargo.toml
 
-say "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets --quiet -- -D warnings
+# One build both checks the lints and makes everything the tests and the amd64 package run:
+# clippy-driver wraps rustc for lockbridge's own crates, exactly as `cargo clippy` has it do, but
+# in a real build, in the release profile the package ships, so nothing is compiled twice.
+say "clippy -D warnings, and the release build of every target"
+clippy_driver=$(rustup which clippy-driver 2>/dev/null || command -v clippy-driver)
+export RUSTC_WORKSPACE_WRAPPER=$clippy_driver
+export CLIPPY_ARGS=-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__
+mkdir -p target
+cargo test --release --all-targets --no-run --locked --quiet \
+    --message-format=json-render-diagnostics >target/test-build.json
 
 say "PTLS vectors: regenerate independently and compare with the committed file"
 .venv/bin/python tests/vectors/gen_ptls_vectors.py --check
 
-say "Debian packages (amd64, and arm64 for the Raspberry Pi)"
-packaging/build-deb
-packaging/build-deb --target aarch64-unknown-linux-gnu
+# The suites spend most of their time waiting on the processes they run (daemons, simulators,
+# brokers, BlueZoo), so the Debian packages build meanwhile, and two suites run at a time; the
+# package suites run once the packages are there. Every suite runs even when one fails.
+say "Debian packages (amd64, and arm64 for the Raspberry Pi), built beside the tests"
+# The arm64 build is Debian's own Rust: rustup's clippy-driver does not wrap it.
+(packaging/build-deb &&
+    env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS \
+        packaging/build-deb --target aarch64-unknown-linux-gnu) >target/build-deb.log 2>&1 &
+deb_pid=$!
 
-say "cargo test --no-fail-fast"
-# Every suite runs even when one fails, so that one failure does not hide the others.
+say "tests (two suites at a time)"
+rm -rf target/test-logs
 test_status=0
-cargo test --no-fail-fast --quiet 2>&1 | tee target/test-output.txt || test_status=$?
-if ((test_status != 0)) || grep -q "test result: FAILED" target/test-output.txt; then
-    echo "cargo test failed (exit ${test_status}):"
-    grep -E "^(---- |test .* FAILED|failures:)" target/test-output.txt || true
+.venv/bin/python tests/run_suites.py target/test-build.json target/test-logs 2 \
+    --except package arm64 || test_status=$?
+read -r passed failed <target/test-logs/totals
+
+deb_status=0
+wait "$deb_pid" || deb_status=$?
+if ((deb_status != 0)); then
+    echo "packaging/build-deb failed (exit ${deb_status}):"
+    tail -n 40 target/build-deb.log
     exit 1
 fi
-passed=$(grep -o '[0-9]* passed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
-failed=$(grep -o '[0-9]* failed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
+grep '\.deb$' target/build-deb.log
+
+say "package tests"
+package_status=0
+.venv/bin/python tests/run_suites.py target/test-build.json target/test-logs/package 1 \
+    --only package arm64 || package_status=$?
+read -r p f <target/test-logs/package/totals
+passed=$((passed + p))
+failed=$((failed + f))
+if ((test_status != 0 || package_status != 0)); then
+    echo "tests failed: ${failed} failed, ${passed} passed (each suite's output is in target/test-logs/)"
+    exit 1
+fi
 
 # Each fuzz target for a bounded time (FUZZ_SECONDS, default 20), from seeds taken from real
 # traffic plus every input that once crashed it (fuzz/regressions/); any crash fails the run.
+# Two at a time: libFuzzer uses one core.
 fuzz_seconds=${FUZZ_SECONDS:-20}
-say "fuzzing: each target for ${fuzz_seconds} s"
-cargo run --quiet --example fuzz_seeds -- fuzz/corpus
+say "fuzzing: each target for ${fuzz_seconds} s, two at a time"
+cargo run --release --locked --quiet --example fuzz_seeds -- fuzz/corpus
+unset RUSTC_WORKSPACE_WRAPPER CLIPPY_ARGS
 (cd fuzz && cargo fuzz build --sanitizer none --debug-assertions)
-for target in $(cd fuzz && cargo fuzz list); do
-    regressions=()
+fuzz_one() {
+    local target=$1 regressions=()
     [[ -d fuzz/regressions/$target ]] && regressions=("regressions/$target")
-    log="target/fuzz-$target.log"
+    local log="target/fuzz-$target.log"
     if (cd fuzz && cargo fuzz run --sanitizer none --debug-assertions "$target" \
             "corpus/$target" "${regressions[@]}" -- -max_total_time="$fuzz_seconds") >"$log" 2>&1; then
         echo "fuzz $target: ok, $(grep -o 'Done [0-9]* runs' "$log" | tail -n 1 | cut -d' ' -f2) runs"
-        passed=$((passed + 1))
     else
         echo "fuzz $target: FAILED (the input is in fuzz/artifacts/$target/; make it a regression test)"
         tail -n 40 "$log"
-        failed=$((failed + 1))
+        return 1
     fi
+}
+mapfile -t targets < <(cd fuzz && cargo fuzz list)
+for ((i = 0; i < ${#targets[@]}; i += 2)); do
+    pids=()
+    for target in "${targets[@]:i:2}"; do
+        fuzz_one "$target" &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do
+        if wait "$pid"; then
+            passed=$((passed + 1))
+        else
+            failed=$((failed + 1))
+        fi
+    done
 done
 echo
 echo "${passed} passed, ${failed} failed"
