@@ -125,6 +125,8 @@ pub enum Provider {
     /// The operator's backend drops certificates and signed time into the state directory.
     #[default]
     Files,
+    /// Tedee's cloud, as real Tedee locks need (`[credentials.tedee]`, docs/tedee.md).
+    Tedee,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -671,7 +673,9 @@ pub struct LockEntry {
     /// The lock's device id, for certificates from the authority.
     #[serde(default)]
     pub device_id: Option<u32>,
-    /// The lock's long-term public key (base64 of the 65-byte point).
+    /// The lock's long-term public key (base64 of the 65-byte point). Optional with the
+    /// `tedee` provider, which gets it from the cloud; set, it pins the key.
+    #[serde(default)]
     pub public_key: String,
     #[serde(default = "persistent")]
     pub link: LinkPolicy,
@@ -773,7 +777,7 @@ impl Config {
         Ok(cfg)
     }
 
-    /// `[credentials.tedee]`: Tedee's cloud, for `lockbridge tedee …` (tedee-cloud.md §2).
+    /// `[credentials.tedee]`: Tedee's cloud (tedee-cloud.md §2).
     fn validate_tedee(&self) -> Result<(), (String, String)> {
         let t = &self.credentials.tedee;
         let key = |k: &str| format!("credentials.tedee.{k}");
@@ -866,6 +870,21 @@ impl Config {
         }
         self.validate_tedee()
             .map_err(|(key, reason)| err(key, reason))?;
+        if self.credentials.provider == Provider::Tedee {
+            let c = &self.credentials;
+            for (key, set) in [
+                ("credentials.authority_dir", c.authority_dir.is_some()),
+                ("credentials.permissions", c.permissions.is_some()),
+                ("credentials.validity_days", c.validity_days.is_some()),
+            ] {
+                if set {
+                    return Err(err(
+                        key.into(),
+                        "does not apply with provider = \"tedee\" (Tedee decides what real certificates allow and how long they last); remove it".into(),
+                    ));
+                }
+            }
+        }
         let mut ids = BTreeSet::new();
         let mut serials = BTreeSet::new();
         for (i, l) in self.locks.iter().enumerate() {
@@ -888,8 +907,11 @@ impl Config {
             if !serials.insert(l.serial.clone()) {
                 return Err(err(key("serial"), format!("{} appears twice", l.serial)));
             }
-            crate::keys::parse_public_b64(&l.public_key)
-                .map_err(|e| err(key("public_key"), e.to_string()))?;
+            // Under `tedee` the cloud supplies the lock's key; one set here pins it.
+            if !(l.public_key.is_empty() && self.credentials.provider == Provider::Tedee) {
+                crate::keys::parse_public_b64(&l.public_key)
+                    .map_err(|e| err(key("public_key"), e.to_string()))?;
+            }
             if self.credentials.provider == Provider::Authority && l.device_id.is_none() {
                 return Err(err(
                     key("device_id"),

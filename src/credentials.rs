@@ -1,6 +1,6 @@
 //! Credentials (design §5): the gateway key, and per lock the access certificate and signed
 //! time, from a provider behind one interface — this project's `authority`, or `files`
-//! delivered by the operator's backend. A cloud-API provider can implement the same trait.
+//! delivered by the operator's backend, or `tedee`, Tedee's cloud ([`crate::tedee`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,15 +27,54 @@ pub enum CredentialError {
     MissingSignedTime { path: PathBuf, reason: String },
     #[error("lock {0} has no device_id; the authority needs it to issue a certificate")]
     NoDeviceId(String),
+    /// Asked for: the provider's worker is getting it; try again shortly.
+    #[error("{0}")]
+    Pending(String),
+    /// Tedee's cloud said no, or the provider cannot start (the message says why and what to do).
+    #[error("{0}")]
+    Tedee(String),
+}
+
+impl CredentialError {
+    /// The provider is getting what was asked for: retry soon, it is not a failure.
+    pub fn is_pending(&self) -> bool {
+        matches!(self, CredentialError::Pending(_))
+    }
 }
 
 /// Where certificates and signed time come from.
 pub trait CredentialProvider: Send + Sync {
     /// The access certificate for this gateway key and this lock. `fresh` asks for a new one
-    /// (after ALERT 0x05 or at half-life) rather than a cached one.
+    /// (the lock refused the last with ALERT 0x05) rather than a cached one.
     fn certificate(&self, lock: &LockEntry, fresh: bool) -> Result<Vec<u8>, CredentialError>;
     /// A signed time for a lock that lost its clock.
     fn signed_time(&self, lock: &LockEntry) -> Result<SignedTime, CredentialError>;
+
+    /// The key SIG_S is checked with, when the provider supplies it (Tedee's cloud does);
+    /// `None`: the configured `public_key`.
+    fn lock_key(&self, _lock: &LockEntry) -> Option<p256::ecdsa::VerifyingKey> {
+        None
+    }
+
+    /// When to ask for the certificate again.
+    fn refresh_after(&self, _lock: &LockEntry, certificate: &[u8]) -> std::time::Duration {
+        std::time::Duration::from_millis(refresh_after_ms(certificate, authority::unix_ms_now()))
+    }
+
+    /// Why a lock keeps refusing certificates, from what the provider knows.
+    fn diagnose(&self, _lock: &LockEntry) -> Option<String> {
+        None
+    }
+
+    /// The lock's credentials as its state shows them.
+    fn status(&self, _lock: &LockEntry) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// The provider's own state, for the gateway's status.
+    fn gateway_status(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// Certificates issued locally by this project's authority.
@@ -115,10 +154,11 @@ impl CredentialProvider for FilesProvider {
     }
 }
 
-/// The configured provider.
+/// The configured provider; `registry` shows the locks' credentials.
 pub fn provider(
-    config: &Config,
+    config: &Arc<Config>,
     client_key: p256::ecdsa::VerifyingKey,
+    registry: Arc<crate::registry::Registry>,
 ) -> Result<Arc<dyn CredentialProvider>, CredentialError> {
     Ok(match config.credentials.provider {
         Provider::Authority => Arc::new(AuthorityProvider {
@@ -131,6 +171,11 @@ pub fn provider(
         Provider::Files => Arc::new(FilesProvider {
             dir: config.gateway.state_dir.clone(),
         }),
+        Provider::Tedee => Arc::new(crate::tedee::provider::TedeeProvider::start(
+            config.clone(),
+            &client_key,
+            registry,
+        )?),
     })
 }
 

@@ -39,14 +39,15 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
     let config = Arc::new(config);
     let key_path = config.key_path();
     let gateway_key = keys::load(&key_path).context("gateway key")?;
+    let registry = Arc::new(Registry::new(config.locks.iter().map(initial_view)));
     let credentials =
-        credentials::provider(&config, *gateway_key.verifying_key()).context("credentials")?;
+        credentials::provider(&config, *gateway_key.verifying_key(), registry.clone())
+            .context("credentials")?;
     let store = IdStore::open(
         &config.gateway.state_dir,
         config.commands.remember_ids_h * 3_600_000,
         unix_ms_now(),
     )?;
-    let registry = Arc::new(Registry::new(config.locks.iter().map(initial_view)));
     let ledger = Arc::new(Ledger::new(store, registry.clone()));
     let supervisor = match config.ble.transport {
         Transport::Sim => {

@@ -33,10 +33,11 @@
 //! - [`config`] — the daemon's TOML + environment configuration; [`credentials`] — the
 //!   certificate and signed-time providers; [`keys`] — key files and the one reader of every
 //!   secret file; [`authority`] — issuing.
-//! - [`tedee`] — Tedee's cloud: [`tedee::api`] (one checked call at a time, every answer
-//!   bounded), [`tedee::policy`] (the hourly budget, 429 pauses, backoff, a refused key;
-//!   sans-IO), [`tedee::store`] (the registration and per-lock state, written atomically) and
-//!   [`tedee::cli`] (`lockbridge tedee check|register|unregister`).
+//! - [`tedee`] — Tedee's cloud, the `tedee` credentials provider: [`tedee::provider`] (what
+//!   sessions read without waiting, and the one task that calls the cloud), [`tedee::api`] (one
+//!   checked call at a time, every answer bounded), [`tedee::policy`] (the hourly budget, 429
+//!   pauses, backoff, a refused key; sans-IO), [`tedee::store`] (the registration and per-lock
+//!   state, written atomically) and [`tedee::cli`] (`lockbridge tedee check|register|unregister`).
 //! - [`backoff`] — the one doubling, jittered retry delay (MQTT reconnects, Tedee calls).
 //! - [`cloud`] — CoAP over DTLS 1.2: [`cloud::dtls`] (own UDP demultiplexer around webrtc-dtls:
 //!   a task and deadline per handshake, caps per endpoint, address and identity, final-flight

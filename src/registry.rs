@@ -56,6 +56,10 @@ pub struct LockView {
     /// Last time anything went right with this lock (handshake, response, notification).
     pub progress_ms: u64,
     pub last_error: Option<String>,
+    /// What the credentials provider says of this lock's certificate (the `tedee` provider:
+    /// `provider`, `cert_expires`, `cert_refresh_at`, `last_fetch_ok`, `last_error`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -89,6 +93,17 @@ pub enum GatewayEvent {
     TaskFailed {
         task: String,
         message: String,
+    },
+    /// A lock's certificate was renewed.
+    CertificateRenewed {
+        lock: String,
+        expires_ms: Option<u64>,
+    },
+    /// A lock's certificate expires within a day and cannot be renewed (hourly).
+    CertificateExpiring {
+        lock: String,
+        hours_left: u64,
+        error: String,
     },
 }
 

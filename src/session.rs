@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 use crate::authority::unix_ms_now;
 use crate::command::{Command, Outcome, StateReading, Step};
 use crate::config::{LinkPolicy, LockEntry};
-use crate::credentials::{self, CredentialProvider};
+use crate::credentials::CredentialProvider;
 use crate::driver::{DriveError, Driver, now, sleep_until};
 use crate::ledger::Ledger;
 use crate::link::sim::SimLink;
@@ -70,7 +70,8 @@ pub struct Job {
 #[derive(Clone)]
 pub struct SessionParams {
     pub entry: LockEntry,
-    pub lock_key: VerifyingKey,
+    /// The configured key; `None` when the credentials provider supplies it.
+    pub lock_key: Option<VerifyingKey>,
     pub gateway_key: SigningKey,
     pub credentials: Arc<dyn CredentialProvider>,
     pub slots: Slots,
@@ -98,8 +99,13 @@ const TICK: Duration = Duration::from_secs(5);
 enum ConnectError {
     NotRegistered,
     InvalidCert,
+    /// The credentials provider is getting what the handshake needs: try again shortly.
+    Pending(String),
     Other(String),
 }
+
+/// How soon a session tries again while its credentials provider fetches.
+const PENDING_RETRY: Duration = Duration::from_secs(1);
 
 enum Answer {
     Response(api::Response),
@@ -386,11 +392,22 @@ impl<C: Connector> Session<C> {
                 self.certificate = None;
             }
             ConnectError::InvalidCert => {
-                log::error!(LOCK_ID = self.id(); "lock {}: INVALID_CERT again with a fresh certificate — check the credentials provider and the lock's device id",
-                    self.id()
+                let why = self.p.credentials.diagnose(&self.p.entry);
+                log::error!(LOCK_ID = self.id(); "lock {}: INVALID_CERT again with a fresh certificate — {}",
+                    self.id(),
+                    why.as_deref().unwrap_or("check the credentials provider and the lock's device id")
                 );
                 self.parked = Some("invalid-cert");
-                self.status(LinkStatus::InvalidCert, Some("certificate refused".into()));
+                self.status(
+                    LinkStatus::InvalidCert,
+                    Some(why.unwrap_or_else(|| "certificate refused".into())),
+                );
+            }
+            ConnectError::Pending(reason) => {
+                log::info!(LOCK_ID = self.id(); "{reason}; trying again in {PENDING_RETRY:?}");
+                self.status(LinkStatus::Unreachable, Some(reason));
+                self.wait_until(tokio::time::Instant::now() + PENDING_RETRY)
+                    .await;
             }
             ConnectError::Other(reason) => {
                 log::warn!(LOCK_ID = self.id(); "lock {}: {reason}; retrying in about {:?}",
@@ -404,19 +421,24 @@ impl<C: Connector> Session<C> {
                     Duration::from_millis(OsRng.next_u64() % (half.as_millis() as u64 + 1));
                 let until = tokio::time::Instant::now() + half + jitter;
                 self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
-                loop {
-                    self.expire_pending();
-                    let deadline = self.earliest_deadline().map(tokio::time::Instant::from_std);
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(until) => break,
-                        job = self.jobs.recv() => match job {
-                            Some(job) => self.pending.push_back(job),
-                            None => break,
-                        },
-                        _ = sleep_until(deadline) => {}
-                        _ = self.stop.changed() => break,
-                    }
-                }
+                self.wait_until(until).await;
+            }
+        }
+    }
+
+    /// Wait until `until` for a retry, taking jobs and expiring them meanwhile.
+    async fn wait_until(&mut self, until: tokio::time::Instant) {
+        loop {
+            self.expire_pending();
+            let deadline = self.earliest_deadline().map(tokio::time::Instant::from_std);
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => break,
+                job = self.jobs.recv() => match job {
+                    Some(job) => self.pending.push_back(job),
+                    None => break,
+                },
+                _ = sleep_until(deadline) => {}
+                _ = self.stop.changed() => break,
             }
         }
     }
@@ -428,13 +450,21 @@ impl<C: Connector> Session<C> {
                 return Ok(c.bytes.clone());
             }
         }
-        let fresh = self.certificate.is_some() || self.cert_retry_used;
+        // Fresh only after the lock refused one (ALERT 0x05); renewal before expiry is the
+        // provider's own business.
+        let fresh = self.cert_retry_used;
         let bytes = self
             .p
             .credentials
             .certificate(&self.p.entry, fresh)
-            .map_err(|e| ConnectError::Other(e.to_string()))?;
-        let refresh = Duration::from_millis(credentials::refresh_after_ms(&bytes, unix_ms_now()));
+            .map_err(|e| {
+                if e.is_pending() {
+                    ConnectError::Pending(e.to_string())
+                } else {
+                    ConnectError::Other(e.to_string())
+                }
+            })?;
+        let refresh = self.p.credentials.refresh_after(&self.p.entry, &bytes);
         self.certificate = Some(Certificate {
             bytes: bytes.clone(),
             refresh_at: t + refresh,
@@ -444,6 +474,17 @@ impl<C: Connector> Session<C> {
 
     async fn connect(&mut self) -> Result<Driver<C::Link>, ConnectError> {
         let certificate = self.current_certificate()?;
+        let lock_key = self
+            .p
+            .credentials
+            .lock_key(&self.p.entry)
+            .or(self.p.lock_key)
+            .ok_or_else(|| {
+                ConnectError::Other(format!(
+                    "lock {}: no public key for it yet (the credentials provider has not supplied one)",
+                    self.id()
+                ))
+            })?;
         let serial = self.p.entry.serial.clone();
         let link = tokio::time::timeout(
             self.p.connect_timeout,
@@ -460,7 +501,7 @@ impl<C: Connector> Session<C> {
         let config = ClientConfig {
             signing_key: self.p.gateway_key.clone(),
             certificate,
-            lock_public_key: self.p.lock_key,
+            lock_public_key: lock_key,
             att_mtu: link.att_mtu(),
             timing: ClientTiming {
                 command_timeout: self.p.response_timeout,
@@ -474,11 +515,21 @@ impl<C: Connector> Session<C> {
         let credentials = self.p.credentials.clone();
         let entry = self.p.entry.clone();
         let id = self.id().to_string();
+        // The provider may be fetching the signed time: then this attempt ends and the next
+        // comes soon, as for a certificate.
+        let time_pending = std::sync::atomic::AtomicBool::new(false);
         let handshake = driver.handshake(|| {
             log::info!(LOCK_ID = id.as_str(); "lock {id}: no trusted time; sending a signed time");
             credentials
                 .signed_time(&entry)
-                .map_err(|e| log::error!(LOCK_ID = id.as_str(); "lock {id}: {e}"))
+                .map_err(|e| {
+                    if e.is_pending() {
+                        time_pending.store(true, Ordering::Relaxed);
+                        log::info!(LOCK_ID = id.as_str(); "lock {id}: {e}");
+                    } else {
+                        log::error!(LOCK_ID = id.as_str(); "lock {id}: {e}");
+                    }
+                })
                 .ok()
         });
         match handshake.await {
@@ -508,6 +559,13 @@ impl<C: Connector> Session<C> {
             }
             Err(DriveError::Closed(ptls::Error::Alert(Alert::InvalidCert))) => {
                 Err(ConnectError::InvalidCert)
+            }
+            Err(DriveError::NoSignedTime) if time_pending.load(Ordering::Relaxed) => {
+                driver.close().await;
+                Err(ConnectError::Pending(format!(
+                    "lock {}: waiting for a signed time",
+                    self.id()
+                )))
             }
             Err(e) => {
                 driver.close().await;
@@ -651,6 +709,8 @@ impl<C: Connector> Session<C> {
     fn send_signed_time(&self, driver: &mut Driver<C::Link>) {
         match self.p.credentials.signed_time(&self.p.entry) {
             Ok(st) => driver.client_mut().send_signed_time(now(), &st),
+            // Fetched meanwhile; the lock asks again when it reconnects (ALERT 0x02).
+            Err(e) if e.is_pending() => log::info!("lock {} needs trusted time: {e}", self.id()),
             Err(e) => log::error!("lock {} needs trusted time: {e}", self.id()),
         }
     }

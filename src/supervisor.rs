@@ -43,6 +43,7 @@ pub struct Supervisor {
     config: Arc<Config>,
     registry: Arc<Registry>,
     ledger: Arc<Ledger>,
+    credentials: Arc<dyn CredentialProvider>,
     queues: HashMap<String, Arc<std::sync::Mutex<mpsc::Sender<Job>>>>,
     heartbeats: HashMap<String, Arc<AtomicU64>>,
     accepting: AtomicBool,
@@ -70,6 +71,7 @@ pub fn initial_view(entry: &crate::config::LockEntry) -> LockView {
         updated_ms: unix_ms_now(),
         progress_ms: unix_ms_now(),
         last_error: None,
+        credentials: None,
     }
 }
 
@@ -100,8 +102,10 @@ impl Supervisor {
         let mut queues = HashMap::new();
         let mut heartbeats = HashMap::new();
         for entry in &config.locks {
+            // Empty only under a provider that supplies the key (config validation).
             let lock_key = match crate::keys::parse_public_b64(&entry.public_key) {
-                Ok(k) => k,
+                Ok(k) => Some(k),
+                Err(_) if entry.public_key.is_empty() => None,
                 Err(e) => {
                     // Config validation makes this unreachable; report rather than panic.
                     log::error!("lock {}: {e}", entry.id);
@@ -139,6 +143,7 @@ impl Supervisor {
             config,
             registry,
             ledger,
+            credentials,
             queues,
             heartbeats,
             accepting: AtomicBool::new(true),
@@ -280,6 +285,11 @@ impl Supervisor {
     /// The ledger, for what the id store reports.
     pub fn ledger(&self) -> &Arc<Ledger> {
         &self.ledger
+    }
+
+    /// The credentials provider, for its status.
+    pub fn credentials(&self) -> &Arc<dyn CredentialProvider> {
+        &self.credentials
     }
 
     /// Stop taking commands, let sessions finish in-flight ones (or time out), close every link

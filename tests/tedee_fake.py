@@ -6,8 +6,17 @@ Usage: tedee_fake.py --state FILE [--tls CERT KEY]
 
 Listens on 127.0.0.1, a free port, printed as `listening on PORT` once ready. FILE (JSON) is
 the account: {"keys": {KEY: [SCOPE, ...]}, "locks": [{"id", "serialNumber", "name", "type",
-"accessLevel"}, ...]}. It is read again on every request, so a test changes the account
-(revokes a key, removes a scope) by rewriting it.
+"accessLevel", "devicePublicKey"}, ...], "authority_key": PEM_PATH, "validity_s": N,
+"revoked": [LOCK_ID, ...], "wrong_device": [LOCK_ID, ...], "stale_once": [LOCK_ID, ...]}:
+a revoked lock's certificate is refused (403), a wrong_device lock gets a certificate for
+another device, a stale_once lock gets one already expired (its expirationDate says it is
+not), once. It is read again on every request, so a test changes the account
+(revokes a key or a lock's access, removes a scope, shortens certificates) by rewriting it.
+
+Certificates are this project's format (ptls-spec.md §8), signed with `authority_key` — the
+simulator world's authority — so that real sessions come up against `lockbridge sim`; signed
+time is 8 bytes of Unix ms signed by the same key. Tedee's real certificates are opaque to the
+gateway, which never parses them.
 
 Every request is appended to FILE.requests (JSON lines: method, path, query, status, and any
 "violations" of the documented rules: path under /api/v37/, `Authorization: PersonalKey`,
@@ -17,13 +26,20 @@ User-Agent). Faults queued in FILE.faults (a JSON list of {"path": substring, "s
 """
 
 import base64
+import datetime
 import email.utils
+import hashlib
 import json
 import os
 import ssl
+import struct
 import sys
 import threading
+import time
 import uuid
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -62,6 +78,31 @@ class Account:
 
 def scope_ok(scopes, *needed):
     return any(s in scopes for s in needed)
+
+
+def tlv(tag, value):
+    return bytes([tag, len(value)]) + value
+
+
+def sign(key_path, data):
+    with open(key_path, "rb") as f:
+        key = serialization.load_pem_private_key(f.read(), password=None)
+    return key.sign(data, ec.ECDSA(hashes.SHA256()))
+
+
+def certificate(key_path, device_id, mobile_id, client_point, validity_s, stale=False):
+    now_ms = int(time.time() * 1000)
+    not_after = now_ms + int(validity_s * 1000)
+    signed_until = now_ms - 60_000 if stale else not_after
+    body = (tlv(0x01, b"\x01") + tlv(0x02, struct.pack(">I", device_id))
+            + tlv(0x03, struct.pack(">Q", now_ms - 3_600_000))
+            + tlv(0x04, struct.pack(">Q", signed_until))
+            + tlv(0x05, struct.pack(">I", 7))
+            + tlv(0x06, hashlib.sha256(mobile_id.encode()).digest()[:16])
+            + tlv(0x7E, client_point))
+    cert = body + tlv(0x7F, sign(key_path, body))
+    expiry = datetime.datetime.fromtimestamp(not_after / 1000, datetime.timezone.utc)
+    return cert, expiry.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -135,7 +176,7 @@ class Handler(BaseHTTPRequestHandler):
             violations.append("no lockbridge User-Agent")
         resource = url.path[len(prefix):].lower()
         query = {k.lower(): v[0] for k, v in parse_qs(url.query).items()}
-        entry = {"method": method, "path": resource, "query": query}
+        entry = {"method": method, "path": resource, "query": query, "t": time.time()}
         if violations:
             entry["violations"] = violations
         status = self.route(method, resource, query, auth[len("PersonalKey "):], raw, entry)
@@ -195,6 +236,44 @@ class Handler(BaseHTTPRequestHandler):
             m = self.account.mobiles[mobile_id]
             return self.envelope(200, {"id": mobile_id, "userIdentity": str(uuid.uuid4()),
                                        "name": m["name"], "operatingSystem": 3})
+        if method == "GET" and resource == "my/devicecertificate/getformobile":
+            if not scope_ok(scopes, "DeviceCertificate.Operate"):
+                return self.error(403, "Insufficient scope")
+            mobile_id = query.get("mobileid", "")
+            try:
+                device_id = int(query.get("deviceid", ""))
+            except ValueError:
+                return self.error(400, "deviceId is not a number")
+            if mobile_id not in self.account.mobiles:
+                return self.error(404, "mobile device not found")
+            lock = next((l for l in state["locks"] if l["id"] == device_id), None)
+            if lock is None or device_id in state.get("revoked", []):
+                return self.error(403, "No access to the device")
+            m = self.account.mobiles[mobile_id]
+            point = base64.b64decode(m["publicKey"])
+            stale = device_id in state.get("stale_once", [])
+            if stale:
+                state["stale_once"].remove(device_id)
+                with open(self.account.path, "w", encoding="utf-8") as f:
+                    json.dump(state, f)
+            issued_for = device_id + 1 if device_id in state.get("wrong_device", []) else device_id
+            cert, expiry = certificate(state["authority_key"], issued_for, mobile_id, point,
+                                       state.get("validity_s", 10 * 86400), stale)
+            return self.envelope(200, {
+                # Line breaks, as the docs' sample has them: a client strips whitespace.
+                "certificate": base64.encodebytes(cert).decode(),
+                "expirationDate": expiry,
+                "devicePublicKey": lock["devicePublicKey"],
+                "mobilePublicKey": m["publicKey"],
+            })
+        if method == "GET" and resource == "datetime/getsignedtime":
+            if not scope_ok(scopes, "Device.Read", "Device.ReadWrite"):
+                return self.error(403, "Insufficient scope")
+            datetime_bytes = struct.pack(">Q", int(time.time() * 1000))
+            return self.envelope(200, {
+                "datetime": base64.b64encode(datetime_bytes).decode(),
+                "signature": base64.b64encode(sign(state["authority_key"], datetime_bytes)).decode(),
+            })
         return self.error(404, f"no such resource {resource}")
 
 

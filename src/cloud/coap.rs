@@ -840,6 +840,8 @@ async fn handle(
                 "tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
                 // What opening the command-id store found, and appends that failed since.
                 "id_store": sup.ledger().store_health(),
+                // The tedee provider: its registration, requests this hour, a 429's pause.
+                "tedee": sup.credentials().gateway_status(),
             });
             json_response(response, ResponseType::Content, &body)
         }

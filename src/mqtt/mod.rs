@@ -190,6 +190,7 @@ async fn run_bridge(shared: Shared, eventloop: Option<EventLoop>) {
         retained_refused: shared.retained_refused.clone(),
         availability: Default::default(),
         doors_announced: Default::default(),
+        certificates_announced: Default::default(),
         announced: None,
         announce_due: None,
     };
@@ -390,6 +391,8 @@ struct Task {
     /// Locks whose door entity Home Assistant has been told of (a door shows up with the
     /// lock's first report of its door sensor).
     doors_announced: std::collections::HashSet<String>,
+    /// Likewise for a certificate-expiry sensor (the provider reports it once it starts).
+    certificates_announced: std::collections::HashSet<String>,
     /// When discovery was last announced for a Home Assistant birth, and when the next one is
     /// due (a birth arrived within [`ANNOUNCE_INTERVAL`] of the last announcement).
     announced: Option<tokio::time::Instant>,
@@ -514,6 +517,9 @@ impl Task {
         if payload::has_door_sensor(view) {
             self.doors_announced.insert(view.id.clone());
         }
+        if payload::has_certificate_expiry(view) {
+            self.certificates_announced.insert(view.id.clone());
+        }
         for (topic, doc) in docs {
             self.publish(&topic, true, doc.to_string().into_bytes());
         }
@@ -524,10 +530,11 @@ impl Task {
             GatewayEvent::LockChanged { lock } => {
                 if self.connected {
                     let config = self.supervisor.config().clone();
-                    if config.mqtt.home_assistant
-                        && payload::has_door_sensor(lock)
-                        && !self.doors_announced.contains(&lock.id)
-                    {
+                    let new_door =
+                        payload::has_door_sensor(lock) && !self.doors_announced.contains(&lock.id);
+                    let new_certificate = payload::has_certificate_expiry(lock)
+                        && !self.certificates_announced.contains(&lock.id);
+                    if config.mqtt.home_assistant && (new_door || new_certificate) {
                         self.publish_lock_discovery(&config, lock);
                     }
                     self.publish_state(lock);

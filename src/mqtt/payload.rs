@@ -138,6 +138,7 @@ pub fn state(view: &LockView) -> Value {
         },
         "updated_at": secs(view.updated_ms),
         "last_error": view.last_error,
+        "credentials": view.credentials,
     })
 }
 
@@ -256,6 +257,23 @@ pub fn discovery(d: &Discovery, view: &LockView) -> Vec<(String, Value)> {
             sensor("rssi", "signal_strength", "dBm", "rssi"),
         ),
     ];
+    // The certificate's expiry, for locks whose provider says (Tedee's certificates).
+    if has_certificate_expiry(view) {
+        docs.push((
+            format!("{}/sensor/{node}/{object}_certificate/config", d.prefix),
+            json!({
+                "name": "Certificate expires",
+                "unique_id": format!("{node}_{object}_certificate"),
+                "device": device,
+                "origin": origin(d.version),
+                "availability": [{"topic": format!("{}/status", d.root)}],
+                "state_topic": state_topic,
+                "value_template": CERTIFICATE_TEMPLATE,
+                "device_class": "timestamp",
+                "entity_category": "diagnostic",
+            }),
+        ));
+    }
     // The door, once the lock has shown it has a door sensor (named "Door" by its class).
     if has_door_sensor(view) {
         docs.push((
@@ -282,6 +300,16 @@ pub fn discovery(d: &Discovery, view: &LockView) -> Vec<(String, Value)> {
 pub fn has_door_sensor(view: &LockView) -> bool {
     matches!(view.door, Some(DoorState::Open | DoorState::Closed))
 }
+
+/// Whether the credentials provider reports the lock's certificate expiry.
+pub fn has_certificate_expiry(view: &LockView) -> bool {
+    view.credentials
+        .as_ref()
+        .is_some_and(|c| c.get("cert_expires").is_some())
+}
+
+/// Unix ms to the ISO 8601 time Home Assistant's timestamp sensors take; unknown until known.
+const CERTIFICATE_TEMPLATE: &str = "{% if value_json.credentials and value_json.credentials.cert_expires %}{{ (value_json.credentials.cert_expires / 1000) | timestamp_custom('%Y-%m-%dT%H:%M:%S+00:00', false) }}{% else %}None{% endif %}";
 
 /// Open is ON for a door binary sensor; anything else is unknown.
 const DOOR_TEMPLATE: &str = "{{ {'open': 'ON', 'closed': 'OFF'}.get(value_json.door, 'None') }}";

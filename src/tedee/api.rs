@@ -219,6 +219,14 @@ impl std::fmt::Display for CallError {
     }
 }
 
+/// A key's 65-byte uncompressed point, as Tedee takes and gives keys.
+pub fn point(key: &p256::ecdsa::VerifyingKey) -> [u8; 65] {
+    key.to_encoded_point(false)
+        .as_bytes()
+        .try_into()
+        .expect("an uncompressed P-256 point is 65 bytes")
+}
+
 /// One lock of the account (`GET my/lock`).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct AccountLock {

@@ -66,11 +66,7 @@ impl Tedee {
     fn public_point(&self) -> anyhow::Result<[u8; 65]> {
         let key = crate::keys::load(&self.config.key_path())
             .map_err(|e| anyhow::anyhow!("gateway key {e}"))?;
-        let point = key.verifying_key().to_encoded_point(false);
-        Ok(point
-            .as_bytes()
-            .try_into()
-            .expect("an uncompressed P-256 point is 65 bytes"))
+        Ok(super::api::point(key.verifying_key()))
     }
 
     fn mobile_name(&self) -> String {

@@ -5,6 +5,7 @@
 
 pub mod dtls_raw;
 pub mod mqtt;
+pub mod tedee;
 pub mod udp_proxy;
 
 use std::path::{Path, PathBuf};
