@@ -63,7 +63,7 @@ async fn the_arm64_gateway_unlocks_and_locks_over_the_sim_socket() {
     let w = World::with_binary(packaged_binary(tmp.path()), 2, |_| {});
     let _sim = w.sim();
     let _daemon = w.daemon();
-    w.wait_status("lock-1", "connected", Duration::from_secs(30))
+    w.wait_status("lock-1", "connected", Duration::from_secs(120))
         .await;
     w.succeed("lock-1", Action::Unlock).await;
     w.succeed("lock-1", Action::Lock).await;

@@ -151,6 +151,14 @@ if ((deb_status != 0)); then
 fi
 grep '\.deb$' target/build-deb.log
 
+# The fuzz targets build while the package suites install and remove packages.
+cargo run --release --locked --quiet --example fuzz_seeds -- fuzz/corpus
+(
+    unset RUSTC_WORKSPACE_WRAPPER CLIPPY_ARGS
+    cd fuzz && cargo fuzz build --sanitizer none --debug-assertions
+) >target/fuzz-build.log 2>&1 &
+fuzz_build_pid=$!
+
 say "package tests"
 package_status=0
 .venv/bin/python tests/run_suites.py target/test-build.json target/test-logs/package 1 \
@@ -168,9 +176,12 @@ fi
 # Two at a time: libFuzzer uses one core.
 fuzz_seconds=${FUZZ_SECONDS:-20}
 say "fuzzing: each target for ${fuzz_seconds} s, two at a time"
-cargo run --release --locked --quiet --example fuzz_seeds -- fuzz/corpus
 unset RUSTC_WORKSPACE_WRAPPER CLIPPY_ARGS
-(cd fuzz && cargo fuzz build --sanitizer none --debug-assertions)
+if ! wait "$fuzz_build_pid"; then
+    echo "cargo fuzz build failed:"
+    tail -n 40 target/fuzz-build.log
+    exit 1
+fi
 fuzz_one() {
     local target=$1 regressions=()
     [[ -d fuzz/regressions/$target ]] && regressions=("regressions/$target")
