@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use lockbridge::command::Action;
 
 use common::mqtt::{Broker, Watch};
-use common::tedee::{ALL_SCOPES, Fake, KEY, state_dir, world_for};
+use common::tedee::{ALL_SCOPES, Fake, KEY, demo_locks, state_dir, world_for};
 use common::{Proc, World, wait_for};
 
 /// The fake's account holding the world's locks, with their real keys, signed by the world's
@@ -147,12 +147,7 @@ async fn first_run_registers_and_fetches_exactly_once_and_a_restart_asks_nothing
         .as_str()
         .unwrap()
         .to_string();
-    let ids: Vec<u64> = world.summary["locks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["device_id"].as_u64().unwrap())
-        .collect();
+    let ids: Vec<u64> = demo_locks(&world).iter().map(|l| l.0).collect();
     for (i, r) in requests[2..].iter().enumerate() {
         assert_eq!(r["query"]["mobileid"], mobile.as_str());
         assert_eq!(r["query"]["deviceid"], ids[i].to_string());
@@ -211,12 +206,7 @@ async fn first_run_registers_and_fetches_exactly_once_and_a_restart_asks_nothing
 async fn an_expired_certificate_costs_one_forced_fetch_and_one_the_lock_keeps_refusing_is_parked() {
     let dir = tempfile::tempdir().unwrap();
     let (fake, world) = tedee_world(dir.path(), |_| {}, |_| {});
-    let ids: Vec<u64> = world.summary["locks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["device_id"].as_u64().unwrap())
-        .collect();
+    let ids: Vec<u64> = demo_locks(&world).iter().map(|l| l.0).collect();
     // lock-1's first certificate is already expired (Tedee's date says it is not); lock-2's
     // are always for another lock.
     fake.edit(|v| {
