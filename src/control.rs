@@ -3,10 +3,12 @@
 //!
 //! ```text
 //! {"op":"locks"}                                        → [LockView, …]
+//! {"op":"gateway"}                                      → {id, version, sessions, tedee, …}
 //! {"op":"state","lock":"front"}                         → LockView
 //! {"op":"watch"}                                        → a LockView line per change, until closed
 //! {"op":"command","lock":"front","action":"unlock",
 //!  "mode":"normal","id":"abc","ttl_s":30}               → Report lines until "step":"done"
+//! {"op":"tedee_fetch","locks":["front"]}                → {"locks":[{lock, fetched, error…}]}
 //! ```
 
 use std::os::unix::fs::PermissionsExt;
@@ -25,6 +27,8 @@ use crate::supervisor::{Request as CommandRequest, Supervisor};
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     Locks,
+    /// The gateway's own status.
+    Gateway,
     /// Stream every lock's view as it changes.
     Watch,
     State {
@@ -40,7 +44,17 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ttl_s: Option<u64>,
     },
+    /// Fetch certificates from Tedee now (`lockbridge tedee fetch`): these locks, by id or
+    /// serial, or every lock when empty.
+    TedeeFetch {
+        #[serde(default)]
+        locks: Vec<String>,
+    },
 }
+
+/// How long `tedee_fetch` waits for the provider's answer (each call is bounded by
+/// `request_timeout_s`; a few locks in a row fit).
+const FETCH_ANSWER_LIMIT: Duration = Duration::from_secs(600);
 
 pub const ORIGIN: &str = "cli";
 
@@ -160,6 +174,19 @@ async fn handle(stream: UnixStream, supervisor: Arc<Supervisor>) -> std::io::Res
                 let all = supervisor.registry().all();
                 write_json(&mut wr, &all).await?;
             }
+            Request::Gateway => {
+                let config = supervisor.config();
+                let all = supervisor.registry().all();
+                let body = serde_json::json!({
+                    "id": config.gateway.id,
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "locks": all.len(),
+                    "sessions": all.iter().filter(|v| v.status == crate::registry::LinkStatus::Connected).count(),
+                    "id_store": supervisor.ledger().store_health(),
+                    "tedee": supervisor.credentials().gateway_status(),
+                });
+                write_json(&mut wr, &body).await?;
+            }
             Request::Watch => {
                 let mut events = supervisor.registry().subscribe();
                 loop {
@@ -187,6 +214,10 @@ async fn handle(stream: UnixStream, supervisor: Arc<Supervisor>) -> std::io::Res
                     .await?
                 }
             },
+            Request::TedeeFetch { locks } => {
+                let answer = tedee_fetch(&supervisor, locks).await;
+                write_json(&mut wr, &answer).await?;
+            }
             Request::Command {
                 lock,
                 action,
@@ -230,6 +261,41 @@ async fn handle(stream: UnixStream, supervisor: Arc<Supervisor>) -> std::io::Res
         }
     }
     Ok(())
+}
+
+/// `tedee_fetch`: the names resolved against the config, then the provider's answer.
+async fn tedee_fetch(supervisor: &Supervisor, names: Vec<String>) -> serde_json::Value {
+    let config = supervisor.config();
+    if config.credentials.provider != crate::config::Provider::Tedee {
+        return serde_json::json!({"error":
+            "credentials.provider is not \"tedee\": only the tedee provider fetches certificates"
+        });
+    }
+    let mut serials = Vec::new();
+    for name in &names {
+        match config
+            .locks
+            .iter()
+            .find(|l| &l.id == name || &l.serial == name)
+        {
+            Some(l) => serials.push(l.serial.clone()),
+            None => {
+                return serde_json::json!({"error": format!(
+                    "unknown lock {:?}; configured: {}",
+                    name.chars().take(64).collect::<String>(),
+                    config.locks.iter().map(|l| l.id.as_str()).collect::<Vec<_>>().join(", ")
+                )});
+            }
+        }
+    }
+    let Some(rx) = supervisor.credentials().fetch_now(serials) else {
+        return serde_json::json!({"error": "the Tedee provider is not running"});
+    };
+    match tokio::time::timeout(FETCH_ANSWER_LIMIT, rx).await {
+        Ok(Ok(locks)) => serde_json::json!({ "locks": locks }),
+        Ok(Err(_)) => serde_json::json!({"error": "the Tedee provider stopped"}),
+        Err(_) => serde_json::json!({"error": "no answer from the Tedee provider in 10 minutes"}),
+    }
 }
 
 async fn write_json<W: AsyncWriteExt + Unpin, T: Serialize>(

@@ -75,6 +75,21 @@ pub trait CredentialProvider: Send + Sync {
     fn gateway_status(&self) -> Option<serde_json::Value> {
         None
     }
+
+    /// Counts the operator's requests to try this lock again (`lockbridge tedee fetch`): a
+    /// session parked after refusals tries again when it changes.
+    fn retry_generation(&self, _lock: &LockEntry) -> u64 {
+        0
+    }
+
+    /// Fetch the certificates of these locks (serials; all when empty) now, for the operator;
+    /// the answer is one JSON value per lock. `None`: this provider fetches nothing.
+    fn fetch_now(
+        &self,
+        _serials: Vec<String>,
+    ) -> Option<tokio::sync::oneshot::Receiver<Vec<serde_json::Value>>> {
+        None
+    }
 }
 
 /// Certificates issued locally by this project's authority.

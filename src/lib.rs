@@ -21,7 +21,8 @@
 //!   [`sim::chaos`]'s seeded faults on single locks (loss bursts, disconnects, reboots, lost
 //!   clocks), and [`sim::ble`] as BLE peripherals through BlueZ.
 //! - [`link`] — byte pipes to a lock: the [`link::Link`] trait, [`link::sim::SimLink`] and
-//!   [`link::ble::BleLink`] (BlueZ through `bluer`, opened by [`link::ble::BleConnector`]).
+//!   [`link::ble::BleLink`] (BlueZ through `bluer`, opened by [`link::ble::BleConnector`],
+//!   which also scans for Tedee locks for `lockbridge scan`).
 //! - [`driver`] — runs one `ptls::Client` over one `Link` on the tokio clock.
 //! - [`session`] — the per-lock event loop: slots, connect, handshake, trusted time, state from
 //!   notifications, commands with their outcome rules, link policies, reconnect backoff.
@@ -37,7 +38,9 @@
 //!   sessions read without waiting, and the one task that calls the cloud), [`tedee::api`] (one
 //!   checked call at a time, every answer bounded), [`tedee::policy`] (the hourly budget, 429
 //!   pauses, backoff, a refused key; sans-IO), [`tedee::store`] (the registration and per-lock
-//!   state, written atomically) and [`tedee::cli`] (`lockbridge tedee check|register|unregister`).
+//!   state, written atomically) and [`tedee::cli`] (`lockbridge tedee
+//!   check|locks|register|unregister`; `tedee fetch` goes through the control socket to the
+//!   running provider).
 //! - [`backoff`] — the one doubling, jittered retry delay (MQTT reconnects, Tedee calls).
 //! - [`cloud`] — CoAP over DTLS 1.2: [`cloud::dtls`] (own UDP demultiplexer around webrtc-dtls:
 //!   a task and deadline per handshake, caps per endpoint, address and identity, final-flight

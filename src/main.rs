@@ -103,6 +103,19 @@ enum Command {
         #[command(subcommand)]
         what: TedeeCommand,
     },
+    /// Listen for Tedee locks over Bluetooth (BlueZ): serial, address, signal strength, and
+    /// whether each is configured.
+    Scan {
+        /// The configuration whose locks and adapter are used (optional: without the file at
+        /// the default path, the default adapter and no configured locks).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// How long to listen, 1 to 120 seconds.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=120))]
+        seconds: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff), as the package installs it.
@@ -128,6 +141,19 @@ enum TedeeCommand {
     },
     /// Delete this hub's mobile at Tedee and its Tedee state.
     Unregister,
+    /// The account's locks (id, serial, name, model, access), with a [[locks]] block to paste
+    /// for each one not configured yet.
+    Locks {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the running daemon to fetch certificates now (every lock, or these, by id or
+    /// serial); a lock parked after refusals tries again.
+    Fetch {
+        locks: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -162,6 +188,8 @@ struct CtlAction {
 enum LocalCommand {
     /// Every lock and its state.
     Locks,
+    /// The gateway: id, version, sessions, the command-id store and the Tedee provider.
+    Gateway,
     /// Print each lock's view whenever it changes, until Ctrl-C.
     Watch,
     /// One lock's state.
@@ -435,6 +463,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sim { .. } => anyhow::bail!(
             "sim needs --config FILE with --listen ADDR or --ble, or `sim init DIR` (see lockbridge sim --help)"
         ),
+        Command::Scan {
+            config,
+            seconds,
+            json,
+        } => {
+            let default = PathBuf::from(lockbridge::config::DEFAULT_PATH);
+            let config = match config {
+                Some(path) => Some(lockbridge::config::Config::load(&path)?),
+                None if default.exists() => Some(lockbridge::config::Config::load(&default)?),
+                None => None,
+            };
+            runtime()?.block_on(scan(config, seconds, json, &mut out))
+        }
+        Command::Tedee {
+            config,
+            what: TedeeCommand::Fetch { locks, json },
+        } => {
+            let config = lockbridge::config::Config::load(&config)?;
+            runtime()?.block_on(tedee_fetch(&config.control.socket, locks, json, &mut out))
+        }
         Command::Tedee { config, what } => {
             let config = lockbridge::config::Config::load(&config)?;
             let tedee = lockbridge::tedee::cli::Tedee::open(config)?;
@@ -452,6 +500,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     TedeeCommand::Unregister => {
                         lockbridge::tedee::cli::unregister(&tedee, &mut out).await
                     }
+                    TedeeCommand::Locks { json } => {
+                        lockbridge::tedee::cli::locks(&tedee, json, &mut out).await
+                    }
+                    TedeeCommand::Fetch { .. } => unreachable!("handled above"),
                 }
             })
         }
@@ -656,6 +708,43 @@ async fn local(
                 out.flush()?;
             }
         }
+        LocalCommand::Gateway => {
+            client.request(&Request::Gateway).await?;
+            let v = client.line().await?;
+            if json {
+                writeln!(out, "{v}")?;
+            } else {
+                writeln!(
+                    out,
+                    "gateway {} (lockbridge {}): {} of {} locks connected",
+                    v["id"].as_str().unwrap_or("?"),
+                    v["version"].as_str().unwrap_or("?"),
+                    v["sessions"],
+                    v["locks"]
+                )?;
+                let t = &v["tedee"];
+                if !t.is_null() {
+                    writeln!(
+                        out,
+                        "tedee: mobile {}, {} request(s) in the last hour{}{}",
+                        t["mobile_id"].as_str().unwrap_or("not registered"),
+                        t["requests_last_hour"],
+                        t["paused_until"]
+                            .as_u64()
+                            .map(|ms| format!(
+                                ", paused until {}",
+                                lockbridge::tedee::store::rfc3339(ms)
+                            ))
+                            .unwrap_or_default(),
+                        t["last_error"]
+                            .as_str()
+                            .map(|e| format!("\n  last error: {e}"))
+                            .unwrap_or_default()
+                    )?;
+                }
+            }
+            return Ok(());
+        }
         LocalCommand::Locks | LocalCommand::State { .. } => {
             let req = match what {
                 LocalCommand::State { lock } => Request::State { lock },
@@ -735,4 +824,140 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+}
+
+/// `tedee fetch`: the running daemon fetches (it owns the cloud budget and the sessions).
+async fn tedee_fetch(
+    socket: &std::path::Path,
+    locks: Vec<String>,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    use lockbridge::control::{ControlClient, Request};
+    let mut client = ControlClient::connect(socket).await?;
+    client.request(&Request::TedeeFetch { locks }).await?;
+    let v = client.line().await?;
+    if let Some(e) = v.get("error") {
+        anyhow::bail!("{}", e.as_str().unwrap_or("error"));
+    }
+    let list = v["locks"].as_array().cloned().unwrap_or_default();
+    if json {
+        writeln!(out, "{v}")?;
+    } else {
+        for l in &list {
+            let lock = l["lock"].as_str().unwrap_or("?");
+            match l["error"].as_str() {
+                None => writeln!(
+                    out,
+                    "{lock}: certificate fetched (expires {}); a parked session tries again",
+                    l["cert_expires"]
+                        .as_u64()
+                        .map(lockbridge::tedee::store::rfc3339)
+                        .unwrap_or_else(|| "unknown".into())
+                )?,
+                Some(e) => writeln!(out, "{lock}: {e}")?,
+            }
+        }
+    }
+    let failed = list.iter().filter(|l| !l["error"].is_null()).count();
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} lock(s) not fetched (above)", list.len());
+    }
+    Ok(())
+}
+
+/// `scan`: the Tedee locks BlueZ hears, matched against the configured ones.
+async fn scan(
+    config: Option<lockbridge::config::Config>,
+    seconds: u64,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let adapter = config
+        .as_ref()
+        .map(|c| c.ble.adapter.clone())
+        .unwrap_or_default();
+    let locks = config.map(|c| c.locks).unwrap_or_default();
+    let connector =
+        lockbridge::link::ble::BleConnector::new(&adapter, std::time::Duration::from_secs(10))
+            .await?;
+    if !json {
+        writeln!(out, "listening for {seconds} s…")?;
+        out.flush()?;
+    }
+    let heard = connector
+        .scan(std::time::Duration::from_secs(seconds))
+        .await?;
+    let configured_as = |h: &lockbridge::link::ble::Heard| {
+        locks
+            .iter()
+            .find(|l| Some(&l.serial) == h.serial.as_ref() || l.serial == h.address)
+            .map(|l| l.id.clone())
+    };
+    let missing: Vec<&lockbridge::config::LockEntry> = locks
+        .iter()
+        .filter(|l| {
+            !heard.iter().any(|h| {
+                h.rssi.is_some() && (Some(&l.serial) == h.serial.as_ref() || l.serial == h.address)
+            })
+        })
+        .collect();
+    if json {
+        let list: Vec<serde_json::Value> = heard
+            .iter()
+            .map(|h| {
+                serde_json::json!({
+                    "serial": h.serial, "address": h.address, "name": h.name, "rssi": h.rssi,
+                    "configured_as": configured_as(h),
+                })
+            })
+            .collect();
+        let missing: Vec<serde_json::Value> = missing
+            .iter()
+            .map(|l| serde_json::json!({"id": l.id, "serial": l.serial}))
+            .collect();
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({"seconds": seconds, "locks": list, "configured_not_heard": missing})
+        )?;
+        return Ok(());
+    }
+    let in_range = heard.iter().filter(|h| h.rssi.is_some()).count();
+    writeln!(out, "{in_range} Tedee lock(s) heard")?;
+    if !heard.is_empty() {
+        writeln!(
+            out,
+            "{:<16} {:<18} {:>5}  {:<16} configured as",
+            "serial", "address", "rssi", "name"
+        )?;
+    }
+    for h in &heard {
+        writeln!(
+            out,
+            "{:<16} {:<18} {:>5}  {:<16} {}",
+            h.serial.as_deref().unwrap_or("?"),
+            h.address,
+            h.rssi.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+            h.name
+                .as_deref()
+                .unwrap_or("")
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(16)
+                .collect::<String>(),
+            configured_as(h).unwrap_or_else(|| "-".into())
+        )?;
+    }
+    if heard.iter().any(|h| h.rssi.is_none()) {
+        writeln!(out, "(rssi -: known to BlueZ but not heard in this scan)")?;
+    }
+    for l in missing {
+        writeln!(
+            out,
+            "not heard: configured lock {} (serial {}) — out of range, asleep or off",
+            l.id, l.serial
+        )?;
+    }
+    Ok(())
 }

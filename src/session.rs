@@ -128,8 +128,10 @@ pub struct Session<C: Connector> {
     pending: VecDeque<Job>,
     certificate: Option<Certificate>,
     cert_retry_used: bool,
-    /// Set after NOT_REGISTERED or a second INVALID_CERT: no more retries.
+    /// Set after NOT_REGISTERED or a second INVALID_CERT: no more retries until the provider's
+    /// retry generation moves past `parked_generation` (the operator asked).
     parked: Option<&'static str>,
+    parked_generation: u64,
     readback: Option<(Job, Instant, String)>,
     backoff: Duration,
     next_refresh: Instant,
@@ -155,6 +157,7 @@ impl<C: Connector> Session<C> {
             certificate: None,
             cert_retry_used: false,
             parked: None,
+            parked_generation: 0,
             readback: None,
             backoff: BACKOFF_MIN,
             next_refresh: now(),
@@ -238,6 +241,25 @@ impl<C: Connector> Session<C> {
         }
     }
 
+    /// A parked lock tries again once the provider's retry generation moved on (`lockbridge
+    /// tedee fetch`). Returns whether it did.
+    fn unpark_if_asked(&mut self) -> bool {
+        if self.p.credentials.retry_generation(&self.p.entry) == self.parked_generation {
+            return false;
+        }
+        log::info!(LOCK_ID = self.id(); "lock {}: trying again, as the operator asked", self.id());
+        self.parked = None;
+        self.cert_retry_used = false;
+        self.certificate = None;
+        self.status(LinkStatus::Idle, None);
+        true
+    }
+
+    fn park(&mut self, reason: &'static str) {
+        self.parked = Some(reason);
+        self.parked_generation = self.p.credentials.retry_generation(&self.p.entry);
+    }
+
     fn fail_pending(&mut self, reason: &str) {
         for job in std::mem::take(&mut self.pending) {
             self.finish(&job, Outcome::failed(reason));
@@ -261,9 +283,14 @@ impl<C: Connector> Session<C> {
             }
             self.expire_pending();
             if let Some(reason) = self.parked {
+                if self.unpark_if_asked() {
+                    continue;
+                }
                 self.fail_pending(reason);
                 tokio::select! {
                     job = self.jobs.recv() => match job {
+                        // The operator may have asked for another try since the last look.
+                        Some(job) if self.unpark_if_asked() => self.pending.push_back(job),
                         Some(job) => self.finish(&job, Outcome::failed(reason)),
                         None => break,
                     },
@@ -378,7 +405,7 @@ impl<C: Connector> Session<C> {
                 log::error!(LOCK_ID = self.id(); "lock {}: NOT_REGISTERED — the lock was reset or removed; re-add it, then restart lockbridge",
                     self.id()
                 );
-                self.parked = Some("not-registered");
+                self.park("not-registered");
                 self.status(
                     LinkStatus::NotRegistered,
                     Some("lock is not registered".into()),
@@ -397,7 +424,7 @@ impl<C: Connector> Session<C> {
                     self.id(),
                     why.as_deref().unwrap_or("check the credentials provider and the lock's device id")
                 );
-                self.parked = Some("invalid-cert");
+                self.park("invalid-cert");
                 self.status(
                     LinkStatus::InvalidCert,
                     Some(why.unwrap_or_else(|| "certificate refused".into())),

@@ -349,3 +349,81 @@ fn over_bluez_a_value_longer_than_att_mtu_minus_3_is_refused_and_logged() {
         w.sim_log()
     );
 }
+
+/// `lockbridge scan` through BlueZ: both simulated locks heard with their serials (read from
+/// the advertised serial UUID), addresses and signal strength, matched to the configured
+/// locks; a configured lock that is not on the air is named.
+#[test]
+fn scan_finds_the_locks_on_the_air_and_names_a_configured_one_that_is_not() {
+    let emu = Emulator::start(3);
+    let w = World::new(2, |_| {});
+    w.use_ble("hci0");
+    let serials: Vec<String> = w.summary["locks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["serial"].as_str().unwrap().to_string())
+        .collect();
+    let _sim = w.sim_ble(&emu, "hci1,hci2");
+    // A third configured lock that nothing simulates (lock-2's key: any valid key will do).
+    let key = w.summary["locks"][1]["public_key"].as_str().unwrap();
+    w.edit_daemon_config(|t| {
+        format!(
+            "{t}\n[[locks]]\nid = \"shed\"\nserial = \"99999999-000009\"\ndevice_id = 9\npublic_key = \"{key}\"\n"
+        )
+    });
+    let scan = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lockbridge"))
+            .args(["scan", "--config", w.daemon_config().to_str().unwrap()])
+            .args(args)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &emu.address)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{text}");
+        (out.stdout, text)
+    };
+    let (stdout, text) = scan(&["--seconds", "3", "--json"]);
+    let v: serde_json::Value =
+        serde_json::from_slice(&stdout).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let heard = v["locks"].as_array().unwrap();
+    for (i, serial) in serials.iter().enumerate() {
+        let l = heard
+            .iter()
+            .find(|l| l["serial"] == serial.as_str())
+            .unwrap_or_else(|| panic!("{serial} not heard: {v}"));
+        assert_eq!(l["configured_as"], format!("lock-{}", i + 1), "{v}");
+        assert!(l["rssi"].is_i64(), "RSSI of a lock on the air: {v}");
+        assert!(l["address"].as_str().unwrap().contains(':'), "{v}");
+    }
+    assert_eq!(
+        v["configured_not_heard"],
+        serde_json::json!([{"id": "shed", "serial": "99999999-000009"}]),
+        "{v}"
+    );
+    // The text form says the same to a person.
+    let (_, text) = scan(&["--seconds", "2"]);
+    assert!(text.contains("2 Tedee lock(s) heard"), "{text}");
+    assert!(
+        text.contains(&serials[0]) && text.contains("lock-1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("not heard: configured lock shed (serial 99999999-000009)"),
+        "{text}"
+    );
+    // The window is bounded.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lockbridge"))
+        .args(["scan", "--seconds", "1000"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("1..=120")
+            || String::from_utf8_lossy(&out.stderr).contains("120")
+    );
+}

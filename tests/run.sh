@@ -128,6 +128,14 @@ say "PTLS vectors: regenerate independently and compare with the committed file"
 # The suites spend most of their time waiting on the processes they run (daemons, simulators,
 # brokers, BlueZoo), so the Debian packages build meanwhile, and two suites run at a time; the
 # package suites run once the packages are there. Every suite runs even when one fails.
+say "fuzz targets (coverage-instrumented, their own workspace), built beside the tests"
+cargo run --release --locked --quiet --example fuzz_seeds -- fuzz/corpus
+(
+    unset RUSTC_WORKSPACE_WRAPPER CLIPPY_ARGS
+    cd fuzz && nice -n 5 cargo fuzz build --sanitizer none --debug-assertions
+) >target/fuzz-build.log 2>&1 &
+fuzz_build_pid=$!
+
 say "Debian packages (amd64, and arm64 for the Raspberry Pi), built beside the tests"
 # The arm64 build is Debian's own Rust: rustup's clippy-driver does not wrap it.
 (packaging/build-deb &&
@@ -152,13 +160,6 @@ fi
 grep '\.deb$' target/build-deb.log
 
 # The fuzz targets build while the package suites install and remove packages.
-cargo run --release --locked --quiet --example fuzz_seeds -- fuzz/corpus
-(
-    unset RUSTC_WORKSPACE_WRAPPER CLIPPY_ARGS
-    cd fuzz && cargo fuzz build --sanitizer none --debug-assertions
-) >target/fuzz-build.log 2>&1 &
-fuzz_build_pid=$!
-
 say "package tests"
 package_status=0
 .venv/bin/python tests/run_suites.py target/test-build.json target/test-logs/package 1 \

@@ -15,26 +15,7 @@ use std::process::{Command, Output};
 use serde_json::{Value, json};
 
 use common::World;
-use common::tedee::{ALL_SCOPES, Fake, KEY, account_lock, demo_locks, state_dir, world_for};
-
-fn tedee(world: &World, args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_lockbridge"))
-        .args(["tedee", "--config", world.daemon_config().to_str().unwrap()])
-        .args(args)
-        .output()
-        .unwrap();
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let secret = KEY.split_once('.').unwrap().1;
-    assert!(
-        !all.contains(secret),
-        "the key's secret part was printed: {all}"
-    );
-    out
-}
+use common::tedee::{ALL_SCOPES, Fake, account_lock, demo_locks, state_dir, tedee, world_for};
 
 fn text(out: &Output) -> String {
     format!(
@@ -104,6 +85,73 @@ fn check_lists_the_account_with_one_request_and_names_every_problem() {
     assert_eq!(v["locks"].as_array().unwrap().len(), 2);
     assert_eq!(v["key_prefix"], "tstkey");
     assert_eq!(fake.calls().len(), 2);
+}
+
+#[test]
+fn locks_lists_the_account_and_gives_a_block_to_paste_for_each_lock_not_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::start(dir.path(), false, json!([]), ALL_SCOPES);
+    let world = world_for(&fake, false);
+    let locks = demo_locks(&world);
+    // lock-1 is configured; two are not, one named like a configured id, one with a name that
+    // tries to break out of its comment.
+    fake.edit(|v| {
+        v["locks"] = json!([
+            account_lock(locks[0].0, &locks[0].1, "Front door"),
+            account_lock(locks[1].0 + 10, "99999999-000001", "Lock 1"),
+            account_lock(78, "99999999-000002", "Garage\n[gateway]\nid = \"evil\""),
+        ])
+    });
+    let out = tedee(&world, &["locks"]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("3 lock(s) on the Tedee account"), "{t}");
+    let row = t.lines().find(|l| l.contains(&locks[0].1)).unwrap();
+    assert!(
+        row.trim_end().ends_with("lock-1"),
+        "configured as lock-1: {row}"
+    );
+    // One block each for the other two, with fresh, valid ids; the name stays in its comment.
+    assert_eq!(t.matches("[[locks]]").count(), 2, "{t}");
+    assert!(
+        t.contains("id = \"lock-1-2\"\nserial = \"99999999-000001\""),
+        "{t}"
+    );
+    assert!(t.contains("id = \"garage-gateway-id-evil\""), "{t}");
+    assert!(
+        !t.contains("\n[gateway]"),
+        "the name broke out of its comment: {t}"
+    );
+    assert_eq!(fake.calls(), [("GET".into(), "my/lock".into())]);
+
+    // Pasted into the config, the blocks make a configuration check-config accepts, and every
+    // lock is then configured.
+    let blocks = &t[t.find("# Lock 1").unwrap()..];
+    // (Locks without device_id and public_key: the tedee provider looks them up.)
+    world.edit_daemon_config(|c| {
+        format!(
+            "{}\n{blocks}",
+            c.replace("provider = \"authority\"", "provider = \"tedee\"")
+                .lines()
+                .filter(|l| !l.starts_with("authority_dir"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    });
+    common::lockbridge(&[
+        "check-config",
+        "--config",
+        world.daemon_config().to_str().unwrap(),
+    ]);
+    let out = tedee(&world, &["locks", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let list = v["locks"].as_array().unwrap();
+    assert_eq!(list.len(), 3);
+    assert_eq!(list[1]["configured_as"], "lock-1-2", "{v}");
+    assert_eq!(list[2]["configured_as"], "garage-gateway-id-evil", "{v}");
+    assert!(list.iter().all(|l| l["config"].is_null()), "{v}");
+    assert_eq!(list[0]["model"], "Lock GO");
+    assert_eq!(list[0]["access"], "owner");
 }
 
 #[test]

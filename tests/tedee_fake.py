@@ -21,14 +21,18 @@ gateway, which never parses them.
 Every request is appended to FILE.requests (JSON lines: method, path, query, status, and any
 "violations" of the documented rules: path under /api/v37/, `Authorization: PersonalKey`,
 `Accept: application/json`, `Content-Type: application/json` on POST, a lockbridge
-User-Agent). Faults queued in FILE.faults (a JSON list of {"path": substring, "status": N,
-"body": "json"|"html"|"empty", "retry_after": S}) are served, first match first, once each.
+User-Agent). Faults queued in FILE.faults (a JSON list of {"path": substring, "device": ID
+(optional: only that deviceId), "status": N, "body": "json"|"html"|"empty", "retry_after": S,
+"delay_s": S (answer that late), "drop": true (close the connection without answering)}) are
+served, first match first, once each. `"forget_mobiles": true` in FILE removes every
+registered mobile (as the owner removing the hub in the Tedee app) and is then cleared.
 """
 
 import base64
 import datetime
 import email.utils
 import hashlib
+import io
 import json
 import os
 import ssl
@@ -61,14 +65,15 @@ class Account:
         with open(self.path + ".requests", "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
 
-    def take_fault(self, path):
+    def take_fault(self, path, query):
         faults_path = self.path + ".faults"
         if not os.path.exists(faults_path):
             return None
         with open(faults_path, encoding="utf-8") as f:
             faults = json.load(f)
         for i, fault in enumerate(faults):
-            if fault["path"] in path:
+            device = fault.get("device")
+            if fault["path"] in path and (device is None or str(device) == query.get("deviceid")):
                 del faults[i]
                 with open(faults_path, "w", encoding="utf-8") as f:
                     json.dump(faults, f)
@@ -155,7 +160,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_call(self, method):
         with LOCK:
-            self.call(method)
+            delay = self.call(method)
+        if delay is not None:
+            # A slow answer: the reply waits outside the lock, so other calls go on.
+            time.sleep(delay[0])
+            try:
+                self.wfile.write(delay[1])
+            except OSError:
+                pass
 
     def call(self, method):
         url = urlsplit(self.path)
@@ -179,13 +191,31 @@ class Handler(BaseHTTPRequestHandler):
         entry = {"method": method, "path": resource, "query": query, "t": time.time()}
         if violations:
             entry["violations"] = violations
+        self.delayed = None
         status = self.route(method, resource, query, auth[len("PersonalKey "):], raw, entry)
         entry["status"] = status
         self.account.log(entry)
+        return self.delayed
 
     def route(self, method, resource, query, key, raw, entry):
         state = self.account.load()
-        fault = self.account.take_fault(resource)
+        if state.pop("forget_mobiles", False):
+            self.account.mobiles.clear()
+            with open(self.account.path, "w", encoding="utf-8") as f:
+                json.dump(state, f)
+        fault = self.account.take_fault(resource, query)
+        if fault and fault.get("drop"):
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return "dropped"
+        if fault and "delay_s" in fault:
+            # The real answer, sent late (after the caller's timeout).
+            self.wfile, real = io.BytesIO(), self.wfile
+            status = self.route_ok(method, resource, query, key, raw, entry, state)
+            self.delayed = (fault["delay_s"], self.wfile.getvalue())
+            self.wfile = real
+            entry["delay_s"] = fault["delay_s"]
+            return status
         if fault:
             headers = {}
             if "retry_after" in fault:
@@ -195,6 +225,9 @@ class Handler(BaseHTTPRequestHandler):
                 return self.answer(status, {"success": False, "errorMessages": ["fault"],
                                             "statusCode": status}, headers=headers)
             return self.answer(status, kind=fault.get("body", "empty"), headers=headers)
+        return self.route_ok(method, resource, query, key, raw, entry, state)
+
+    def route_ok(self, method, resource, query, key, raw, entry, state):
         scopes = state.get("keys", {}).get(key)
         if scopes is None:
             return self.answer(401, kind="empty")

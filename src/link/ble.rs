@@ -280,6 +280,72 @@ async fn lock_chars(device: &Device) -> Result<LockChars, LinkError> {
     })
 }
 
+/// A Tedee lock BlueZ knows of after a scan.
+#[derive(Debug, serde::Serialize)]
+pub struct Heard {
+    /// From the advertised serial UUID; `None` when only the lock service was advertised.
+    pub serial: Option<String>,
+    pub address: String,
+    pub name: Option<String>,
+    /// `None`: known to BlueZ but not heard during the scan (out of range or off).
+    pub rssi: Option<i16>,
+}
+
+impl BleConnector {
+    /// Listen for `window` with an LE scan and report every Tedee lock BlueZ knows of: those
+    /// advertising a serial UUID (ptls-spec §1) or the lock service, strongest first.
+    pub async fn scan(&self, window: Duration) -> Result<Vec<Heard>, LinkError> {
+        let adapter = self.adapter().await?;
+        adapter
+            .set_discovery_filter(DiscoveryFilter {
+                transport: DiscoveryTransport::Le,
+                ..Default::default()
+            })
+            .await
+            .map_err(ble("setting the LE discovery filter"))?;
+        let events = adapter
+            .discover_devices()
+            .await
+            .map_err(ble("starting discovery"))?;
+        let mut events = Box::pin(events);
+        let mut seen = std::collections::BTreeSet::new();
+        let listen = async {
+            while let Some(ev) = events.next().await {
+                if let AdapterEvent::DeviceAdded(address) = ev {
+                    seen.insert(address);
+                }
+            }
+        };
+        let _ = tokio::time::timeout(window, listen).await;
+        drop(events);
+        let service: Uuid = gatt::SERVICE_UUID.parse().map_err(|_| LinkError::Ble {
+            op: "parsing the service UUID",
+            message: gatt::SERVICE_UUID.into(),
+        })?;
+        let mut heard = Vec::new();
+        for address in seen {
+            let Ok(device) = adapter.device(address) else {
+                continue;
+            };
+            let uuids = device.uuids().await.ok().flatten().unwrap_or_default();
+            let serial = uuids
+                .iter()
+                .find_map(|u| gatt::serial_from_uuid(&u.to_string()));
+            if serial.is_none() && !uuids.contains(&service) {
+                continue;
+            }
+            heard.push(Heard {
+                serial,
+                address: address.to_string(),
+                name: device.name().await.ok().flatten(),
+                rssi: device.rssi().await.ok().flatten(),
+            });
+        }
+        heard.sort_by_key(|h| std::cmp::Reverse(h.rssi.unwrap_or(i16::MIN)));
+        Ok(heard)
+    }
+}
+
 /// How long a presence probe listens for the lock's advertisement (Tedee locks advertise
 /// several times a second).
 const PROBE_WINDOW: Duration = Duration::from_secs(5);

@@ -715,6 +715,7 @@ impl Task {
             "id_store_write_failures": self.supervisor.ledger().store_health().write_failures,
             "dtls_peers": self.dtls_peers.as_ref().map(|s| s.peers.load(Ordering::Relaxed)),
             "queue_depths": self.supervisor.queue_depths(),
+            "tedee": self.supervisor.credentials().gateway_status(),
         });
         let topic = self.topics.metrics.clone();
         let _ = self.client.try_publish(

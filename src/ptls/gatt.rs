@@ -39,6 +39,24 @@ pub fn serial_uuid(serial: &str) -> Result<String, BadSerial> {
     ))
 }
 
+/// The serial a lock's advertised UUID was built from ([`serial_uuid`] backwards); `None` for
+/// any UUID not of that form.
+pub fn serial_from_uuid(uuid: &str) -> Option<String> {
+    let u = uuid.to_ascii_lowercase();
+    let b = u.as_bytes();
+    if b.len() != 36 || &u[4..8] != "0000" || &u[21..36] != "00-000000000000" {
+        return None;
+    }
+    if [8, 13, 18, 23].iter().any(|&i| b[i] != b'-') {
+        return None;
+    }
+    let digits: String = [&u[0..4], &u[9..13], &u[14..18], &u[19..21]].concat();
+    if digits.len() != 14 || !digits.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    Some(format!("{}-{}", &digits[0..8], &digits[8..14]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,5 +69,25 @@ mod tests {
         );
         assert!(serial_uuid("1234567-8901234").is_err());
         assert!(serial_uuid("1234567a-901234").is_err());
+    }
+
+    #[test]
+    fn a_serial_is_read_back_from_its_uuid_and_nothing_else_is() {
+        let uuid = serial_uuid("12345678-901234").unwrap();
+        assert_eq!(serial_from_uuid(&uuid).as_deref(), Some("12345678-901234"));
+        assert_eq!(
+            serial_from_uuid(&uuid.to_uppercase()).as_deref(),
+            Some("12345678-901234")
+        );
+        for other in [
+            SERVICE_UUID,
+            "12340000-5678-9012-3401-000000000000",
+            "1234a000-5678-9012-3400-000000000000",
+            "12340000-5678-9012-34",
+            "12340000+5678-9012-3400-000000000000",
+            "",
+        ] {
+            assert_eq!(serial_from_uuid(other), None, "{other}");
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! `lockbridge tedee …`: onboarding from the Tedee account (tedee-cloud.md Part A §4) — check
-//! the key and its scopes against the configured locks, and register or unregister this hub's
-//! key as a Tedee "mobile". Each command makes the fewest calls it can and says
-//! what to do about every refusal.
+//! the key and its scopes against the configured locks, list the account's locks with a
+//! `[[locks]]` block for each one not configured yet, and register or unregister this hub's
+//! key as a Tedee "mobile". Each command makes the fewest calls it can and says what to do
+//! about every refusal. (`tedee fetch` asks the running daemon, over the control socket.)
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -125,6 +126,131 @@ pub async fn check(t: &Tedee, json_out: bool, out: &mut dyn Write) -> anyhow::Re
         }
     }
     Ok(problems.is_empty())
+}
+
+/// `tedee locks`: the account's locks (one request), and for each that is not configured yet
+/// a `[[locks]]` block to paste into the configuration.
+pub async fn locks(t: &Tedee, json_out: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+    let locks = t
+        .api
+        .list_locks(&t.key)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", t.explain(&e, SCOPE_LIST)))?;
+    let mut taken: Vec<String> = t.config.locks.iter().map(|l| l.id.clone()).collect();
+    let rows: Vec<(&AccountLock, Option<String>, Option<String>)> = locks
+        .iter()
+        .map(|l| {
+            let configured = t
+                .config
+                .locks
+                .iter()
+                .find(|c| c.serial == l.serial)
+                .map(|c| c.id.clone());
+            let block = configured.is_none().then(|| {
+                let id = unique_id(&l.name, l.id, &taken);
+                taken.push(id.clone());
+                config_block(l, &id)
+            });
+            (l, configured, block)
+        })
+        .collect();
+    if json_out {
+        let list: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(l, configured, block)| {
+                json!({
+                    "id": l.id, "serial": l.serial, "name": l.name,
+                    "model": l.model_name(), "access": l.access_name(),
+                    "configured_as": configured, "config": block,
+                })
+            })
+            .collect();
+        writeln!(out, "{}", json!({ "locks": list }))?;
+        return Ok(());
+    }
+    writeln!(out, "{} lock(s) on the Tedee account", locks.len())?;
+    if locks.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<10} {:<16} {:<24} {:<9} {:<7} configured as",
+        "id", "serial", "name", "model", "access"
+    )?;
+    for (l, configured, _) in &rows {
+        writeln!(
+            out,
+            "{:<10} {:<16} {:<24} {:<9} {:<7} {}",
+            l.id,
+            l.serial,
+            printable(&l.name).chars().take(24).collect::<String>(),
+            l.model_name(),
+            l.access_name(),
+            configured.as_deref().unwrap_or("-")
+        )?;
+    }
+    let blocks: Vec<&String> = rows.iter().filter_map(|(_, _, b)| b.as_ref()).collect();
+    if blocks.is_empty() {
+        writeln!(out, "\nevery lock on the account is configured")?;
+    } else {
+        writeln!(
+            out,
+            "\nTo add the others, append these blocks to the configuration file and restart lockbridge:\n"
+        )?;
+        for b in blocks {
+            writeln!(out, "{b}")?;
+        }
+    }
+    Ok(())
+}
+
+/// A name as one line of text: control characters (a line break above all) become spaces.
+fn printable(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+/// A lock id from the lock's name (`Front door` → `front-door`), unique among `taken`.
+fn unique_id(name: &str, device_id: u32, taken: &[String]) -> String {
+    let mut slug = String::new();
+    for c in name.chars().flat_map(char::to_lowercase) {
+        if c.is_ascii_alphanumeric() {
+            slug.push(c);
+        } else if !slug.is_empty() && !slug.ends_with('-') {
+            slug.push('-');
+        }
+        if slug.len() >= 32 {
+            break;
+        }
+    }
+    let slug = slug.trim_end_matches('-');
+    let base = if slug.is_empty() {
+        format!("lock-{device_id}")
+    } else {
+        slug.to_string()
+    };
+    let mut id = base.clone();
+    let mut n = 2;
+    while taken.contains(&id) {
+        id = format!("{base}-{n}");
+        n += 1;
+    }
+    id
+}
+
+/// The `[[locks]]` block for an account lock: the device id and key are looked up by serial.
+fn config_block(l: &AccountLock, id: &str) -> String {
+    let mut entry = toml::Table::new();
+    entry.insert("id".into(), toml::Value::String(id.into()));
+    entry.insert("serial".into(), toml::Value::String(l.serial.clone()));
+    let body = toml::to_string(&entry).unwrap_or_default();
+    format!(
+        "# {} ({}, {} access)\n[[locks]]\n{body}",
+        printable(&l.name).chars().take(64).collect::<String>(),
+        l.model_name(),
+        l.access_name()
+    )
 }
 
 /// E-10 and E-11 for the configured locks.
@@ -271,4 +397,27 @@ pub async fn unregister(t: &Tedee, out: &mut dyn Write) -> anyhow::Result<()> {
         store.dir().display()
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_from_names_are_valid_config_ids_and_unique() {
+        let taken = vec!["front-door".to_string(), "front-door-2".to_string()];
+        assert_eq!(unique_id("Front door", 1, &taken), "front-door-3");
+        assert_eq!(unique_id("  Garage / Side  ", 1, &[]), "garage-side");
+        // Nothing usable in the name: the device id.
+        assert_eq!(unique_id("🔒🔒", 42, &[]), "lock-42");
+        assert_eq!(unique_id("", 7, &[]), "lock-7");
+        let long = unique_id(&"x".repeat(500), 1, &[]);
+        assert!(long.len() <= 32, "{long}");
+        for id in [unique_id("Ä-ö ü", 3, &[]), long] {
+            assert!(
+                id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
+                "{id}"
+            );
+        }
+    }
 }

@@ -145,6 +145,12 @@ impl Policy {
         }
     }
 
+    /// The operator asked for `purpose` now: its own backoff is forgotten (the budget, a 429
+    /// pause and a refused key still hold).
+    pub fn clear_backoff(&mut self, purpose: &Purpose) {
+        self.backoff.remove(purpose);
+    }
+
     /// The key file changed: calls may go again.
     pub fn key_replaced(&mut self) {
         self.key_refused = false;

@@ -15,7 +15,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use p256::ecdsa::VerifyingKey;
 use rand_core::{OsRng, RngCore};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::api::{AccountLock, Api, CallError, CertificateAnswer, Pak};
 use super::policy::{Outcome, Policy, Purpose, Wait};
@@ -35,7 +35,7 @@ const UNREADABLE_EXPIRY_REFRESH: Duration = Duration::from_secs(86_400);
 /// Warn hourly (E-22) once a certificate that cannot be renewed is this close to expiry.
 const EXPIRY_WARNING: Duration = Duration::from_secs(86_400);
 /// How often a refused key's file is looked at again (it costs nothing).
-const KEY_RECHECK: Duration = Duration::from_secs(60);
+const KEY_RECHECK: Duration = Duration::from_secs(10);
 
 /// What the provider knows of one lock.
 #[derive(Default)]
@@ -62,6 +62,8 @@ struct LockCreds {
     next_try: Option<Instant>,
     expiry_warned_at: Option<Instant>,
     access_removed: bool,
+    /// Moves on each `lockbridge tedee fetch` of this lock: a parked session tries again.
+    generation: u64,
 }
 
 #[derive(Default)]
@@ -76,10 +78,12 @@ struct State {
     paused_until_ms: Option<u64>,
 }
 
-/// What a session asks the worker for.
+/// What a session, or the operator, asks the worker for.
 enum Ask {
     Forced(String),
     SignedTime,
+    /// `lockbridge tedee fetch`: these serials (all when empty) now, one answer per lock.
+    Operator(Vec<String>, oneshot::Sender<Vec<serde_json::Value>>),
 }
 
 pub struct TedeeProvider {
@@ -303,8 +307,8 @@ impl CredentialProvider for TedeeProvider {
             .is_some_and(|t| t.elapsed() < Duration::from_secs(60))
         {
             return Some(format!(
-                "Lock `{}` refuses a certificate Tedee issued seconds ago. Likely causes: the lock's clock, restricted access (guest time window), or the lock was re-added. Parked until lockbridge restarts (systemctl restart lockbridge).",
-                c.id
+                "Lock `{}` refuses a certificate Tedee issued seconds ago. Likely causes: the lock's clock, restricted access (guest time window), or the lock was re-added. Parked; `lockbridge tedee fetch {}` retries.",
+                c.id, c.id
             ));
         }
         None
@@ -324,6 +328,17 @@ impl CredentialProvider for TedeeProvider {
             "paused_until": s.paused_until_ms,
             "last_error": s.last_error,
         }))
+    }
+
+    fn retry_generation(&self, lock: &LockEntry) -> u64 {
+        self.with_lock(&lock.serial, |c| c.generation)
+            .unwrap_or_default()
+    }
+
+    fn fetch_now(&self, serials: Vec<String>) -> Option<oneshot::Receiver<Vec<serde_json::Value>>> {
+        let (tx, rx) = oneshot::channel();
+        self.asks.send(Ask::Operator(serials, tx)).ok()?;
+        Some(rx)
     }
 }
 
@@ -385,12 +400,25 @@ impl Worker {
         }
         let mut signed_wanted = false;
         let mut forced: Vec<String> = Vec::new();
+        let mut operator: Vec<(Vec<String>, oneshot::Sender<Vec<serde_json::Value>>)> = Vec::new();
         let mut setup_done = false;
         let mut next_setup = Instant::now();
         loop {
             let now = Instant::now();
             if self.policy.key_refused() {
                 self.recheck_key();
+            }
+            for (serials, answer) in std::mem::take(&mut operator) {
+                // The operator's request clears the waits a lock's own failures set (never the
+                // budget, a 429 pause or a refused key), and lists the account again when a lock
+                // is not mapped to a device yet.
+                if !self.policy.key_refused() && (!setup_done || self.unmapped(&serials)) {
+                    if let Step::Done = self.setup().await {
+                        setup_done = true;
+                    }
+                }
+                let results = self.operator_fetch(serials).await;
+                let _ = answer.send(results);
             }
             if !self.policy.key_refused() {
                 if !setup_done && now >= next_setup {
@@ -419,6 +447,7 @@ impl Worker {
                 ask = asks.recv() => match ask {
                     Some(Ask::Forced(serial)) => forced.push(serial),
                     Some(Ask::SignedTime) => signed_wanted = true,
+                    Some(Ask::Operator(serials, answer)) => operator.push((serials, answer)),
                     None => return,
                 },
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {}
@@ -701,8 +730,113 @@ impl Worker {
         self.registration = Some(r);
         let mut s = self.state();
         s.mobile_id = Some(id);
-        s.registration_gone = false;
+        if s.registration_gone {
+            // E-13 is over.
+            s.registration_gone = false;
+            s.last_error = None;
+        }
         Ok(())
+    }
+
+    /// Is any of these locks (all when empty) without a device id, or refused by the
+    /// account listing (E-10, E-11)? Then the account is listed again first.
+    fn unmapped(&self, wanted: &[String]) -> bool {
+        self.state().locks.iter().any(|(serial, c)| {
+            (wanted.is_empty() || wanted.contains(serial))
+                && (c.device_id.is_none() || (c.problem.is_some() && !c.access_removed))
+        })
+    }
+
+    /// `lockbridge tedee fetch`: each lock's certificate now, whatever its schedule or an
+    /// earlier refusal (E-14 and the like) said, and its parked session let go; one answer
+    /// per lock with what happened.
+    async fn operator_fetch(&mut self, wanted: Vec<String>) -> Vec<serde_json::Value> {
+        let serials: Vec<String> = {
+            let s = self.state();
+            self.config
+                .locks
+                .iter()
+                .filter(|l| wanted.is_empty() || wanted.contains(&l.serial))
+                .filter(|l| s.locks.contains_key(&l.serial))
+                .map(|l| l.serial.clone())
+                .collect()
+        };
+        let mut results = Vec::new();
+        for serial in serials {
+            let before = {
+                let mut s = self.state();
+                let Some(c) = s.locks.get_mut(&serial) else {
+                    continue;
+                };
+                if c.access_removed {
+                    c.problem = None;
+                    c.access_removed = false;
+                }
+                c.next_try = None;
+                (c.last_fetch_ok_ms, c.problem.clone())
+            };
+            let (before, problem) = before;
+            let purpose = Purpose::Certificate(serial.clone());
+            self.policy.clear_backoff(&purpose);
+            let held = match self.policy.check(Instant::now(), &purpose) {
+                // E-10, E-11, E-15, E-16: the account or the config must change first.
+                _ if problem.is_some() => problem,
+                Err(Wait::Until(t, reason)) => Some(format!(
+                    "not fetched: {} for {} s more",
+                    match reason {
+                        super::policy::Reason::Budget => format!(
+                            "this hub's ceiling of {} requests per hour is reached",
+                            self.config.credentials.tedee.max_requests_per_hour
+                        ),
+                        super::policy::Reason::RateLimited =>
+                            "Tedee's rate limit for this account holds every call".to_string(),
+                        super::policy::Reason::Backoff => "the cloud is backing off".to_string(),
+                    },
+                    t.saturating_duration_since(Instant::now()).as_secs() + 1
+                )),
+                Err(Wait::KeyRefused) => self.state().last_error.clone(),
+                Ok(()) => None,
+            };
+            if held.is_none() {
+                let mobile = self.registration.as_ref().map(|r| r.mobile_id.clone());
+                self.fetch(&serial, false).await;
+                // The registration was found gone and made again (auto_reregister): once more.
+                let now_mobile = self.registration.as_ref().map(|r| r.mobile_id.clone());
+                if now_mobile.is_some() && now_mobile != mobile {
+                    self.fetch(&serial, false).await;
+                }
+            }
+            let mut s = self.state();
+            let gateway_error = s.last_error.clone();
+            let Some(c) = s.locks.get_mut(&serial) else {
+                continue;
+            };
+            // Only now, with the new certificate in place, does a parked session try again.
+            c.generation += 1;
+            let fetched = c.last_fetch_ok_ms != before && c.last_fetch_ok_ms.is_some();
+            let error = if fetched {
+                None
+            } else {
+                held.or_else(|| c.problem.clone())
+                    .or_else(|| c.last_error.clone())
+                    .or(gateway_error)
+                    .or_else(|| {
+                        Some(match (c.device_id, &self.registration) {
+                            (None, _) => "not fetched: the lock's device id is not known yet (the account was not listed)".to_string(),
+                            (_, None) => "not fetched: this hub is not registered with Tedee yet".to_string(),
+                            _ => "not fetched".to_string(),
+                        })
+                    })
+            };
+            results.push(serde_json::json!({
+                "lock": c.id,
+                "serial": serial,
+                "fetched": fetched,
+                "cert_expires": c.record.as_ref().and_then(|r| r.expiration_ms),
+                "error": error,
+            }));
+        }
+        results
     }
 
     /// Every lock whose certificate is missing or past its refresh time, in lock order.

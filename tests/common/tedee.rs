@@ -4,7 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 
 use serde_json::{Value, json};
 
@@ -162,4 +162,24 @@ pub fn demo_locks(world: &World) -> Vec<(u64, String)> {
 
 pub fn account_lock(id: u64, serial: &str, name: &str) -> Value {
     json!({"id": id, "serialNumber": serial, "name": name, "type": 4, "accessLevel": 2})
+}
+
+/// `lockbridge tedee ARGS` with the world's config; whatever it prints must not hold the key.
+pub fn tedee(world: &World, args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_lockbridge"))
+        .args(["tedee", "--config", world.daemon_config().to_str().unwrap()])
+        .args(args)
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let secret = KEY.split_once('.').unwrap().1;
+    assert!(
+        !all.contains(secret),
+        "the key's secret part was printed: {all}"
+    );
+    out
 }
