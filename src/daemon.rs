@@ -1,5 +1,5 @@
 //! `lockbridge run`: the daemon. Start-up order: configuration, gateway key, credentials,
-//! command-id store, sessions, control socket — then READY=1. SIGTERM/SIGINT: STOPPING=1, stop
+//! command-id store, sessions, CoAP, MQTT, control socket — then READY=1. SIGTERM/SIGINT: STOPPING=1, stop
 //! taking commands, let in-flight ones finish or time out, ALERT 0x04 on every link, exit 0.
 
 use std::future::Future;
@@ -82,21 +82,23 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
             ))
         }
     };
-    let listener = control::bind(&config.control.socket)
-        .with_context(|| format!("control socket {}", config.control.socket.display()))?;
-    let listener = Arc::new(listener);
-    let mut tasks = vec![{
-        let sup = supervisor.clone();
-        tasks::supervise("the control socket", registry.clone(), move || {
-            control::serve(listener.clone(), sup.clone())
-        })
-    }];
+    let mut tasks = Vec::new();
     let coap = crate::cloud::start(&config, supervisor.clone()).await?;
     let dtls_stats = coap.as_ref().map(|c| c.stats.clone());
     if let Some(c) = coap {
         tasks.push(c.task);
     }
     let mqtt = crate::mqtt::start(&config, supervisor.clone(), dtls_stats)?;
+    // The control socket last: once it answers, every front end is up.
+    let listener = control::bind(&config.control.socket)
+        .with_context(|| format!("control socket {}", config.control.socket.display()))?;
+    let listener = Arc::new(listener);
+    tasks.push({
+        let sup = supervisor.clone();
+        tasks::supervise("the control socket", registry.clone(), move || {
+            control::serve(listener.clone(), sup.clone())
+        })
+    });
     tasks.push(tokio::spawn(liveness(supervisor.clone())));
     log::info!(
         "lockbridge {} up: gateway {}, {} locks, {} connection slots, control socket {}",

@@ -22,40 +22,69 @@ impl Broker {
     /// A broker whose first listener (plain, for the test's own clients) is followed by
     /// `more` configuration, such as further listeners.
     pub fn start_with(dir: &std::path::Path, more: &str) -> Broker {
-        let port = free_tcp_port();
-        let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "per_listener_settings false\nallow_anonymous true\npersistence false\n\
-                 listener {port} 127.0.0.1\n{more}"
-            ),
-        )
-        .unwrap();
-        let mut b = Broker {
-            port,
-            conf,
-            proc: None,
-        };
-        b.resume();
-        b
+        // A free port can be taken again before mosquitto binds it (suites run side by side):
+        // then mosquitto exits, and another port is tried.
+        for _ in 0..5 {
+            let port = free_tcp_port();
+            let conf = dir.join("mosquitto.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "per_listener_settings false\nallow_anonymous true\npersistence false\n\
+                     listener {port} 127.0.0.1\n{more}"
+                ),
+            )
+            .unwrap();
+            let mut b = Broker {
+                port,
+                conf,
+                proc: None,
+            };
+            if b.try_resume() {
+                return b;
+            }
+        }
+        panic!("mosquitto exited at start five times (ports taken?)");
     }
 
     /// Start (again) on the same port.
     pub fn resume(&mut self) {
-        let child = Command::new("mosquitto")
+        assert!(
+            self.try_resume(),
+            "mosquitto exited at start on port {}",
+            self.port
+        );
+    }
+
+    /// Start mosquitto and wait until it accepts connections; false if it exited first.
+    fn try_resume(&mut self) -> bool {
+        let mut child = Command::new("mosquitto")
             .arg("-c")
             .arg(&self.conf)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("mosquitto: {e}; install mosquitto (tests/run.sh does)"));
-        self.proc = Some(Proc(child));
         let port = self.port;
-        super::wait_for(
-            || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
-            "mosquitto",
-        );
+        let t = Instant::now();
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                return false;
+            }
+            // Connected, and still running: it is this mosquitto that answered.
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                && child.try_wait().unwrap().is_none()
+            {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "mosquitto did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.proc = Some(Proc(child));
+        true
     }
 
     pub fn stop(&mut self) {

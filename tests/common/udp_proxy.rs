@@ -168,8 +168,14 @@ impl ProxyInner {
         let reader = up.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
-            while let Ok(n) = reader.recv(&mut buf).await {
-                me.forward(client, Dir::ToClient, buf[..n].to_vec());
+            loop {
+                match reader.recv(&mut buf).await {
+                    Ok(n) => me.forward(client, Dir::ToClient, buf[..n].to_vec()),
+                    // An ICMP port unreachable (the server not bound yet) on this connected
+                    // socket: the client retransmits, so keep reading.
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                    Err(_) => break,
+                }
             }
         });
         up
