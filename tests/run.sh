@@ -73,14 +73,32 @@ for component in fmt clippy; do
     fi
 done
 
-if ! cargo deb --version >/dev/null 2>&1; then
-    say "installing cargo-deb"
-    cargo install --locked cargo-deb
-fi
-# The fuzz targets: cargo-fuzz without a sanitizer needs only stable's coverage flags.
-if ! cargo fuzz --version >/dev/null 2>&1; then
-    say "installing cargo-fuzz"
-    cargo install --locked cargo-fuzz
+# cargo-deb (the packages) and cargo-fuzz (the fuzz targets; without a sanitizer it needs only
+# stable's coverage flags) are needed only after the main build: they compile beside it.
+mkdir -p target
+install_tools() {
+    if ! cargo deb --version >/dev/null 2>&1; then
+        echo "installing cargo-deb"
+        nice -n 5 cargo install --locked cargo-deb
+    fi
+    if ! cargo fuzz --version >/dev/null 2>&1; then
+        echo "installing cargo-fuzz"
+        nice -n 5 cargo install --locked cargo-fuzz
+    fi
+}
+wait_tools() {
+    if ! wait "$tools_pid"; then
+        echo "tests/run.sh: installing cargo-deb or cargo-fuzz failed:" >&2
+        tail -n 40 target/install-tools.log >&2
+        exit 1
+    fi
+}
+if [[ ${1:-} == --install-only ]]; then
+    install_tools
+else
+    say "installing cargo-deb and cargo-fuzz if missing, beside the build (target/install-tools.log)"
+    install_tools >target/install-tools.log 2>&1 &
+    tools_pid=$!
 fi
 
 # --- Python tools (independent known-answer vectors, BlueZoo) ------------------------------
@@ -125,64 +143,16 @@ cargo test --release --all-targets --no-run --locked --quiet \
 say "PTLS vectors: regenerate independently and compare with the committed file"
 .venv/bin/python tests/vectors/gen_ptls_vectors.py --check
 
-# The suites spend most of their time waiting on the processes they run (daemons, simulators,
-# brokers, BlueZoo), so the Debian packages build meanwhile, and two suites run at a time; the
-# package suites run once the packages are there. Every suite runs even when one fails.
-say "fuzz targets (coverage-instrumented, their own workspace), built beside the tests"
-cargo run --release --locked --quiet --example fuzz_seeds -- fuzz/corpus
-(
-    unset RUSTC_WORKSPACE_WRAPPER CLIPPY_ARGS
-    cd fuzz && nice -n 5 cargo fuzz build --sanitizer none --debug-assertions
-) >target/fuzz-build.log 2>&1 &
-fuzz_build_pid=$!
+wait_tools
+# Nothing started in the background outlives this script.
+trap 'touch target/fuzz-go; kill $(jobs -p) 2>/dev/null || true' EXIT
 
-say "Debian packages (amd64, and arm64 for the Raspberry Pi), built beside the tests"
-# The arm64 build is Debian's own Rust: rustup's clippy-driver does not wrap it.
-(packaging/build-deb &&
-    env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS \
-        packaging/build-deb --target aarch64-unknown-linux-gnu) >target/build-deb.log 2>&1 &
-deb_pid=$!
-
-say "tests (two suites at a time)"
-rm -rf target/test-logs
-test_status=0
-.venv/bin/python tests/run_suites.py target/test-build.json target/test-logs 2 \
-    --except package arm64 || test_status=$?
-read -r passed failed <target/test-logs/totals
-
-deb_status=0
-wait "$deb_pid" || deb_status=$?
-if ((deb_status != 0)); then
-    echo "packaging/build-deb failed (exit ${deb_status}):"
-    tail -n 40 target/build-deb.log
-    exit 1
-fi
-grep '\.deb$' target/build-deb.log
-
-# The fuzz targets build while the package suites install and remove packages.
-say "package tests"
-package_status=0
-.venv/bin/python tests/run_suites.py target/test-build.json target/test-logs/package 1 \
-    --only package arm64 || package_status=$?
-read -r p f <target/test-logs/package/totals
-passed=$((passed + p))
-failed=$((failed + f))
-if ((test_status != 0 || package_status != 0)); then
-    echo "tests failed: ${failed} failed, ${passed} passed (each suite's output is in target/test-logs/)"
-    exit 1
-fi
-
+say "fuzz targets (coverage-instrumented, their own workspace): built beside the tests, run for ${FUZZ_SECONDS:-20} s each after them, two at a time (target/fuzz.log)"
 # Each fuzz target for a bounded time (FUZZ_SECONDS, default 20), from seeds taken from real
 # traffic plus every input that once crashed it (fuzz/regressions/); any crash fails the run.
-# Two at a time: libFuzzer uses one core.
+# Two at a time (libFuzzer uses one core), beside the end of the arm64 build and the package
+# suites: a fuzz run is bounded in time, not in work.
 fuzz_seconds=${FUZZ_SECONDS:-20}
-say "fuzzing: each target for ${fuzz_seconds} s, two at a time"
-unset RUSTC_WORKSPACE_WRAPPER CLIPPY_ARGS
-if ! wait "$fuzz_build_pid"; then
-    echo "cargo fuzz build failed:"
-    tail -n 40 target/fuzz-build.log
-    exit 1
-fi
 fuzz_one() {
     local target=$1 regressions=()
     [[ -d fuzz/regressions/$target ]] && regressions=("regressions/$target")
@@ -196,21 +166,87 @@ fuzz_one() {
         return 1
     fi
 }
-mapfile -t targets < <(cd fuzz && cargo fuzz list)
-for ((i = 0; i < ${#targets[@]}; i += 2)); do
-    pids=()
-    for target in "${targets[@]:i:2}"; do
-        fuzz_one "$target" &
-        pids+=($!)
+fuzz_all() {
+    local ok=0 bad=0 i pid target targets pids
+    mapfile -t targets < <(cd fuzz && cargo fuzz list)
+    for ((i = 0; i < ${#targets[@]}; i += 2)); do
+        pids=()
+        for target in "${targets[@]:i:2}"; do
+            fuzz_one "$target" &
+            pids+=($!)
+        done
+        for pid in "${pids[@]}"; do
+            if wait "$pid"; then
+                ok=$((ok + 1))
+            else
+                bad=$((bad + 1))
+            fi
+        done
     done
-    for pid in "${pids[@]}"; do
-        if wait "$pid"; then
-            passed=$((passed + 1))
-        else
-            failed=$((failed + 1))
-        fi
-    done
-done
+    echo "$ok $bad" >target/fuzz-totals
+}
+cargo run --release --locked --quiet --example fuzz_seeds -- fuzz/corpus
+rm -f target/fuzz-go target/fuzz-totals
+(
+    unset RUSTC_WORKSPACE_WRAPPER CLIPPY_ARGS
+    if ! (cd fuzz && nice -n 5 cargo fuzz build --sanitizer none --debug-assertions) \
+        >target/fuzz-build.log 2>&1; then
+        echo "cargo fuzz build failed:"
+        tail -n 40 target/fuzz-build.log
+        echo "0 1" >target/fuzz-totals
+        exit 1
+    fi
+    # The targets run once the main suites are done (target/fuzz-go).
+    while [[ ! -e target/fuzz-go ]]; do sleep 1; done
+    fuzz_all
+) >target/fuzz.log 2>&1 &
+fuzz_pid=$!
+
+# The suites spend most of their time waiting on the processes they run (daemons, simulators,
+# brokers, BlueZoo), so the Debian packages build meanwhile, and two suites run at a time; the
+# package suites run once the packages are there. Every suite runs even when one fails.
+say "Debian packages (amd64, and arm64 for the Raspberry Pi), built beside the tests"
+# The arm64 build is Debian's own Rust: rustup's clippy-driver does not wrap it.
+(packaging/build-deb &&
+    env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS \
+        packaging/build-deb --target aarch64-unknown-linux-gnu) >target/build-deb.log 2>&1 &
+deb_pid=$!
+
+say "tests (two suites at a time)"
+rm -rf target/test-logs
+test_status=0
+.venv/bin/python tests/run_suites.py target/test-build.json target/test-logs 2 \
+    --except package arm64 || test_status=$?
+read -r passed failed <target/test-logs/totals
+touch target/fuzz-go
+
+deb_status=0
+wait "$deb_pid" || deb_status=$?
+if ((deb_status != 0)); then
+    echo "packaging/build-deb failed (exit ${deb_status}):"
+    tail -n 40 target/build-deb.log
+    exit 1
+fi
+grep '\.deb$' target/build-deb.log
+
+say "package tests"
+package_status=0
+.venv/bin/python tests/run_suites.py target/test-build.json target/test-logs/package 1 \
+    --only package arm64 || package_status=$?
+read -r p f <target/test-logs/package/totals
+passed=$((passed + p))
+failed=$((failed + f))
+if ((test_status != 0 || package_status != 0)); then
+    echo "tests failed: ${failed} failed, ${passed} passed (each suite's output is in target/test-logs/)"
+    exit 1
+fi
+
+wait "$fuzz_pid" || true
+say "fuzzing"
+cat target/fuzz.log
+read -r p f <target/fuzz-totals
+passed=$((passed + p))
+failed=$((failed + f))
 echo
 echo "${passed} passed, ${failed} failed"
 ((failed == 0))
