@@ -1,15 +1,15 @@
 //! Credentials (design §5): the gateway key, and per lock the access certificate and signed
 //! time, from a provider behind one interface — this project's `authority`, or `files`
-//! delivered by the operator's backend, or `tedee`, Tedee's cloud ([`crate::tedee`]).
+//! delivered by the operator's backend, or `tedee`, Tedee's cloud ([`crate::tedee`]). The daemon
+//! picks the configured one.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 
-use crate::authority::{self, Authority, IssueRequest};
-use crate::config::{Config, LockEntry, Provider};
+use crate::authority::{Authority, IssueRequest};
+use crate::config::{Config, LockEntry};
 use crate::ptls::api::SignedTime;
 use crate::ptls::cert::{self, AccessCertificate};
 
@@ -58,7 +58,7 @@ pub trait CredentialProvider: Send + Sync {
 
     /// When to ask for the certificate again.
     fn refresh_after(&self, _lock: &LockEntry, certificate: &[u8]) -> std::time::Duration {
-        std::time::Duration::from_millis(refresh_after_ms(certificate, authority::unix_ms_now()))
+        std::time::Duration::from_millis(refresh_after_ms(certificate, crate::clock::unix_ms()))
     }
 
     /// Why a lock keeps refusing certificates, from what the provider knows.
@@ -100,6 +100,22 @@ pub struct AuthorityProvider {
     days: u64,
 }
 
+impl AuthorityProvider {
+    /// The authority of `[credentials]`, issuing for `client_key`.
+    pub fn load(
+        config: &Config,
+        client_key: p256::ecdsa::VerifyingKey,
+    ) -> Result<AuthorityProvider, CredentialError> {
+        Ok(AuthorityProvider {
+            authority: Authority::load(&config.credentials.authority_dir())?,
+            client_key,
+            permissions: cert::parse_permissions(config.credentials.permissions())
+                .unwrap_or(cert::PERM_ALL),
+            days: config.credentials.validity_days(),
+        })
+    }
+}
+
 impl CredentialProvider for AuthorityProvider {
     fn certificate(&self, lock: &LockEntry, _fresh: bool) -> Result<Vec<u8>, CredentialError> {
         let device_id = lock
@@ -111,12 +127,12 @@ impl CredentialProvider for AuthorityProvider {
             client_id: None,
             days: self.days,
             permissions: self.permissions,
-            now_ms: authority::unix_ms_now(),
+            now_ms: crate::clock::unix_ms(),
         }))
     }
 
     fn signed_time(&self, _lock: &LockEntry) -> Result<SignedTime, CredentialError> {
-        Ok(self.authority.sign_time(authority::unix_ms_now()))
+        Ok(self.authority.sign_time(crate::clock::unix_ms()))
     }
 }
 
@@ -128,6 +144,11 @@ pub struct FilesProvider {
 }
 
 impl FilesProvider {
+    /// Files under the state directory `dir`.
+    pub fn new(dir: PathBuf) -> FilesProvider {
+        FilesProvider { dir }
+    }
+
     pub fn cert_path(&self, serial: &str) -> PathBuf {
         self.dir.join("certs").join(format!("{serial}.cert"))
     }
@@ -167,31 +188,6 @@ impl CredentialProvider for FilesProvider {
             signature: field("signature")?,
         })
     }
-}
-
-/// The configured provider; `registry` shows the locks' credentials.
-pub fn provider(
-    config: &Arc<Config>,
-    client_key: p256::ecdsa::VerifyingKey,
-    registry: Arc<crate::registry::Registry>,
-) -> Result<Arc<dyn CredentialProvider>, CredentialError> {
-    Ok(match config.credentials.provider {
-        Provider::Authority => Arc::new(AuthorityProvider {
-            authority: Authority::load(&config.credentials.authority_dir())?,
-            client_key,
-            permissions: cert::parse_permissions(config.credentials.permissions())
-                .unwrap_or(cert::PERM_ALL),
-            days: config.credentials.validity_days(),
-        }),
-        Provider::Files => Arc::new(FilesProvider {
-            dir: config.gateway.state_dir.clone(),
-        }),
-        Provider::Tedee => Arc::new(crate::tedee::provider::TedeeProvider::start(
-            config.clone(),
-            &client_key,
-            registry,
-        )?),
-    })
 }
 
 /// When a certificate should be refreshed: at half its remaining life (design §5). Opaque

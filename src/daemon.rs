@@ -8,14 +8,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::authority::unix_ms_now;
-use crate::config::{Config, Transport};
+use crate::clock::unix_ms;
+use crate::config::{Config, Provider, Transport};
+use crate::credentials::{AuthorityProvider, CredentialError, CredentialProvider, FilesProvider};
 use crate::idstore::IdStore;
 use crate::ledger::Ledger;
+use crate::link::sim::SimConnector;
 use crate::registry::{GatewayEvent, LinkStatus, Registry};
-use crate::session::SimConnector;
 use crate::supervisor::{Supervisor, initial_view};
-use crate::{control, credentials, keys, systemd, tasks};
+use crate::tedee::provider::TedeeProvider;
+use crate::{control, keys, systemd, tasks};
 
 /// How long shutdown waits for in-flight commands.
 pub const SHUTDOWN_LIMIT: Duration = Duration::from_secs(15);
@@ -40,13 +42,12 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
     let key_path = config.key_path();
     let gateway_key = keys::load(&key_path).context("gateway key")?;
     let registry = Arc::new(Registry::new(config.locks.iter().map(initial_view)));
-    let credentials =
-        credentials::provider(&config, *gateway_key.verifying_key(), registry.clone())
-            .context("credentials")?;
+    let credentials = credentials_provider(&config, *gateway_key.verifying_key(), registry.clone())
+        .context("credentials")?;
     let store = IdStore::open(
         &config.gateway.state_dir,
         config.commands.remember_ids_h * 3_600_000,
-        unix_ms_now(),
+        unix_ms(),
     )?;
     let ledger = Arc::new(Ledger::new(store, registry.clone()));
     let supervisor = match config.ble.transport {
@@ -138,6 +139,19 @@ impl Daemon {
     }
 }
 
+/// The configured credentials provider; `registry` shows the locks' credentials.
+fn credentials_provider(
+    config: &Arc<Config>,
+    client_key: p256::ecdsa::VerifyingKey,
+    registry: Arc<Registry>,
+) -> Result<Arc<dyn CredentialProvider>, CredentialError> {
+    Ok(match config.credentials.provider {
+        Provider::Authority => Arc::new(AuthorityProvider::load(config, client_key)?),
+        Provider::Files => Arc::new(FilesProvider::new(config.gateway.state_dir.clone())),
+        Provider::Tedee => Arc::new(TedeeProvider::start(config.clone(), &client_key, registry)?),
+    })
+}
+
 /// Run until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let daemon = start(config).await?;
@@ -151,7 +165,7 @@ async fn watchdog(supervisor: Arc<Supervisor>, interval: Duration) {
     let mut tick = tokio::time::interval(interval / 2);
     loop {
         tick.tick().await;
-        let age = unix_ms_now().saturating_sub(supervisor.oldest_heartbeat_ms());
+        let age = unix_ms().saturating_sub(supervisor.oldest_heartbeat_ms());
         if age < interval.as_millis() as u64 {
             systemd::notify("WATCHDOG=1");
         } else {
@@ -167,7 +181,7 @@ async fn liveness(supervisor: Arc<Supervisor>) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tick.tick().await;
-        let now = unix_ms_now();
+        let now = unix_ms();
         for v in supervisor.registry().all() {
             let expected = matches!(
                 v.status,

@@ -3,8 +3,9 @@
 //! on this; the demo and the end-to-end tests use it directly.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use crate::clock::{now, sleep_until};
 use crate::link::{Link, LinkError, LinkEvent};
 use crate::ptls::api::{Response, SignedTime};
 use crate::ptls::{self, Client, Event, Unanswered};
@@ -36,10 +37,6 @@ pub struct Driver<L: Link> {
 }
 
 /// The monotonic clock the core is driven with (tokio's, so paused test time applies).
-pub fn now() -> Instant {
-    tokio::time::Instant::now().into_std()
-}
-
 impl<L: Link> Driver<L> {
     pub fn new(link: L, client: Client) -> Self {
         Driver {
@@ -176,12 +173,5 @@ impl<L: Link> Driver<L> {
         self.client.close(now());
         let _ = self.flush().await;
         self.link.close().await;
-    }
-}
-
-pub async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }

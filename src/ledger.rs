@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::mpsc;
 
-use crate::authority::unix_ms_now;
+use crate::clock::unix_ms;
 use crate::command::{Command, Outcome, Report, Step};
 use crate::idstore::{Entry, Health, IdStore, StoreError};
 use crate::registry::{GatewayEvent, Registry};
@@ -96,7 +96,7 @@ impl Ledger {
             f.waiters.push(Waiter { tx, repeated: true });
             return Begin::InFlight;
         }
-        if let Some(e) = inner.store.get(&cmd.origin, &cmd.id, unix_ms_now()) {
+        if let Some(e) = inner.store.get(&cmd.origin, &cmd.id, unix_ms()) {
             if !e.same_command(&cmd.lock, cmd.action, cmd.mode) {
                 return Begin::Conflict(Outcome::id_conflict(&format!(
                     "{} {} from {}",
@@ -223,7 +223,7 @@ fn entry(cmd: &Command, outcome: Option<Outcome>) -> Entry {
         lock: cmd.lock.clone(),
         action: cmd.action,
         mode: Some(cmd.mode),
-        t_ms: unix_ms_now(),
+        t_ms: unix_ms(),
         outcome,
     }
 }
@@ -236,7 +236,7 @@ mod tests {
     const DAY: u64 = 86_400_000;
 
     fn ledger(dir: &std::path::Path) -> Ledger {
-        let store = IdStore::open(dir, DAY, unix_ms_now()).unwrap();
+        let store = IdStore::open(dir, DAY, unix_ms()).unwrap();
         Ledger::new(store, Arc::new(Registry::new([])))
     }
 

@@ -41,7 +41,8 @@
 //!   state, written atomically) and [`tedee::cli`] (`lockbridge tedee
 //!   check|locks|register|unregister`; `tedee fetch` goes through the control socket to the
 //!   running provider).
-//! - [`backoff`] — the one doubling, jittered retry delay (MQTT reconnects, Tedee calls).
+//! - [`backoff`] — the one doubling, jittered retry delay (MQTT reconnects, Tedee calls);
+//!   [`clock`] — the only reads of the monotonic and wall clocks outside the simulator.
 //! - [`cloud`] — CoAP over DTLS 1.2: [`cloud::dtls`] (own UDP demultiplexer around webrtc-dtls:
 //!   a task and deadline per handshake, caps per endpoint, address and identity, final-flight
 //!   resend, a second handshake beside a live session, records screened before webrtc-dtls sees
@@ -59,6 +60,7 @@
 
 pub mod authority;
 pub mod backoff;
+pub mod clock;
 pub mod cloud;
 pub mod command;
 pub mod config;

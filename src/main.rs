@@ -8,7 +8,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
-use lockbridge::authority::{self, Authority, IssueRequest};
+use lockbridge::authority::{Authority, IssueRequest};
 use lockbridge::keys;
 use lockbridge::ptls::cert;
 use lockbridge::sim::config::SimConfig;
@@ -547,14 +547,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 days,
                 permissions: cert::parse_permissions(&permissions)
                     .map_err(|e| anyhow::anyhow!("--permissions: {e}"))?,
-                now_ms: authority::unix_ms_now(),
+                now_ms: lockbridge::clock::unix_ms(),
             });
             writeln!(out, "{}", B64.encode(cert))?;
             Ok(())
         }
         Command::Authority(AuthorityCommand::SignTime { authority: dir, at }) => {
             let a = Authority::load(&dir)?;
-            let st = a.sign_time(at.unwrap_or_else(authority::unix_ms_now));
+            let st = a.sign_time(at.unwrap_or_else(lockbridge::clock::unix_ms));
             let json = serde_json::json!({
                 "datetime": B64.encode(st.datetime),
                 "signature": B64.encode(&st.signature),

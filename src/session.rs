@@ -8,7 +8,6 @@
 //! command is never written again.
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -17,47 +16,18 @@ use p256::ecdsa::{SigningKey, VerifyingKey};
 use rand_core::{OsRng, RngCore};
 use tokio::sync::{mpsc, watch};
 
-use crate::authority::unix_ms_now;
+use crate::clock::unix_ms;
+use crate::clock::{now, sleep_until};
 use crate::command::{Command, Outcome, StateReading, Step};
 use crate::config::{LinkPolicy, LockEntry};
 use crate::credentials::CredentialProvider;
-use crate::driver::{DriveError, Driver, now, sleep_until};
+use crate::driver::{DriveError, Driver};
 use crate::ledger::Ledger;
-use crate::link::sim::SimLink;
-use crate::link::{Link, LinkError};
+use crate::link::{Connector, Link, LinkError};
 use crate::ptls::api::{self, LockState, notif, op, result};
 use crate::ptls::{self, Alert, Client, ClientConfig, ClientTiming, Event};
 use crate::registry::{GatewayEvent, LinkStatus, Registry};
-use crate::sim::serve::ListenAddr;
 use crate::slots::{Priority, SlotGuard, Slots};
-
-/// Opens links to locks: the sim socket now, BlueZ later, behind one interface.
-pub trait Connector: Send + Sync + 'static {
-    type Link: Link + 'static;
-    fn connect(
-        &self,
-        serial: &str,
-        att_mtu: u16,
-    ) -> impl Future<Output = Result<Self::Link, LinkError>> + Send;
-
-    /// Whether the lock is on the air now — its advertisement is heard — without connecting.
-    fn probe(&self, serial: &str) -> impl Future<Output = Result<(), LinkError>> + Send;
-}
-
-pub struct SimConnector {
-    pub addr: ListenAddr,
-}
-
-impl Connector for SimConnector {
-    type Link = SimLink;
-    async fn connect(&self, serial: &str, att_mtu: u16) -> Result<SimLink, LinkError> {
-        SimLink::connect(&self.addr, serial, att_mtu).await
-    }
-
-    async fn probe(&self, serial: &str) -> Result<(), LinkError> {
-        crate::link::sim::probe(&self.addr, serial).await
-    }
-}
 
 /// A command for this session's lock.
 pub struct Job {
@@ -175,7 +145,7 @@ impl<C: Connector> Session<C> {
     }
 
     fn beat(&self) {
-        self.p.heartbeat.store(unix_ms_now(), Ordering::Relaxed);
+        self.p.heartbeat.store(unix_ms(), Ordering::Relaxed);
     }
 
     fn status(&self, status: LinkStatus, error: Option<String>) {
@@ -186,19 +156,17 @@ impl<C: Connector> Session<C> {
                 | LinkStatus::InvalidCert
                 | LinkStatus::Stopped
         );
-        self.p
-            .registry
-            .update(&self.p.entry.id, unix_ms_now(), |v| {
-                v.status = status;
-                v.available = available;
-                if status != LinkStatus::Connected {
-                    v.session_established_ms = None;
-                    v.session_expires_ms = None;
-                }
-                if error.is_some() {
-                    v.last_error = error;
-                }
-            });
+        self.p.registry.update(&self.p.entry.id, unix_ms(), |v| {
+            v.status = status;
+            v.available = available;
+            if status != LinkStatus::Connected {
+                v.session_established_ms = None;
+                v.session_expires_ms = None;
+            }
+            if error.is_some() {
+                v.last_error = error;
+            }
+        });
     }
 
     fn finish(&self, job: &Job, outcome: Outcome) {
@@ -537,7 +505,7 @@ impl<C: Connector> Session<C> {
         };
         let mut client =
             Client::new(config, Box::new(OsRng)).map_err(|e| ConnectError::Other(e.to_string()))?;
-        client.start(now(), unix_ms_now());
+        client.start(now(), unix_ms());
         let mut driver = Driver::new(link, client);
         let credentials = self.p.credentials.clone();
         let entry = self.p.entry.clone();
@@ -561,7 +529,7 @@ impl<C: Connector> Session<C> {
         });
         match handshake.await {
             Ok(session_id) => {
-                let at = unix_ms_now();
+                let at = unix_ms();
                 let rssi = driver.link().rssi();
                 self.p.registry.update(self.id(), at, |v| {
                     if rssi.is_some() {
@@ -724,7 +692,7 @@ impl<C: Connector> Session<C> {
                 }
                 Event::Established { session_id } => {
                     log::info!(LOCK_ID = self.id(); "lock {}: session {} up", self.id(), hex::encode(session_id));
-                    self.p.registry.progress(self.id(), unix_ms_now());
+                    self.p.registry.progress(self.id(), unix_ms());
                 }
                 Event::Closed(e) => return Err(e.to_string()),
                 _ => {}
@@ -743,7 +711,7 @@ impl<C: Connector> Session<C> {
     }
 
     fn apply_notification(&self, driver: &mut Driver<C::Link>, id: u8, params: &[u8]) {
-        let at = unix_ms_now();
+        let at = unix_ms();
         self.p.registry.progress(self.id(), at);
         match (id, params) {
             (notif::LOCK_STATUS_CHANGE, _) => match api::StatusChange::parse(params) {
@@ -785,7 +753,7 @@ impl<C: Connector> Session<C> {
             .map_err(|e| e.to_string())?;
         if let (result::SUCCESS, [level, charging, ..]) = (battery.result, battery.data.as_slice())
         {
-            self.p.registry.update(self.id(), unix_ms_now(), |v| {
+            self.p.registry.update(self.id(), unix_ms(), |v| {
                 v.battery = Some(*level);
                 v.charging = *charging != 0;
             });
@@ -807,7 +775,7 @@ impl<C: Connector> Session<C> {
             },
             _ => return Err(DriveError::Timeout("a usable GET_STATE answer")),
         };
-        let at = unix_ms_now();
+        let at = unix_ms();
         self.p.registry.progress(self.id(), at);
         self.p.registry.update(self.id(), at, |v| {
             v.state = Some(reading.state);
@@ -904,7 +872,7 @@ impl<C: Connector> Session<C> {
                     let battery = self.p.registry.get(self.id()).and_then(|v| v.battery);
                     Outcome::Success { state, battery }
                 };
-                self.p.registry.progress(self.id(), unix_ms_now());
+                self.p.registry.progress(self.id(), unix_ms());
                 self.finish(&job, outcome);
                 Ok(())
             }

@@ -13,14 +13,15 @@ use rand_core::{OsRng, RngCore};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::authority::unix_ms_now;
+use crate::clock::now;
+use crate::clock::unix_ms;
 use crate::command::{Action, Command, MAX_TTL, Mode, Outcome, Report, Step, check_id};
 use crate::config::Config;
 use crate::credentials::CredentialProvider;
-use crate::driver::now;
 use crate::ledger::{Begin, Ledger};
+use crate::link::Connector;
 use crate::registry::{LinkStatus, LockView, Registry};
-use crate::session::{Connector, Job, Session, SessionParams};
+use crate::session::{Job, Session, SessionParams};
 
 use crate::slots::Slots;
 
@@ -68,8 +69,8 @@ pub fn initial_view(entry: &crate::config::LockEntry) -> LockView {
         available: true,
         session_established_ms: None,
         session_expires_ms: None,
-        updated_ms: unix_ms_now(),
-        progress_ms: unix_ms_now(),
+        updated_ms: unix_ms(),
+        progress_ms: unix_ms(),
         last_error: None,
         credentials: None,
     }
@@ -113,7 +114,7 @@ impl Supervisor {
                 }
             };
             let (tx, rx) = mpsc::channel(config.commands.queue_depth);
-            let heartbeat = Arc::new(AtomicU64::new(unix_ms_now()));
+            let heartbeat = Arc::new(AtomicU64::new(unix_ms()));
             let queue = Arc::new(std::sync::Mutex::new(tx));
             queues.insert(entry.id.clone(), queue.clone());
             heartbeats.insert(entry.id.clone(), heartbeat.clone());
@@ -177,7 +178,7 @@ impl Supervisor {
             .values()
             .map(|h| h.load(Ordering::Relaxed))
             .min()
-            .unwrap_or_else(unix_ms_now)
+            .unwrap_or_else(unix_ms)
     }
 
     /// Submit a command; the receiver gets `accepted`, `sent` and exactly one `done` — or,

@@ -13,7 +13,8 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::Value;
 
-use lockbridge::driver::{Driver, now};
+use lockbridge::clock::now;
+use lockbridge::driver::Driver;
 use lockbridge::link::Link;
 use lockbridge::link::sim::SimLink;
 use lockbridge::ptls::api::{LockState, notif, op, result};
@@ -129,7 +130,7 @@ async fn sim_process_serves_a_full_session_and_logs_one_actuation() {
         timing: ClientTiming::default(),
     };
     let mut client = Client::new(config, Box::new(rand_core::OsRng)).unwrap();
-    client.start(now(), lockbridge::authority::unix_ms_now());
+    client.start(now(), lockbridge::clock::unix_ms());
     let mut driver = Driver::new(link, client);
     driver.handshake(|| None).await.expect("handshake");
 
@@ -266,7 +267,7 @@ async fn client_for(
         client_id: None,
         days: 10,
         permissions: lockbridge::ptls::cert::PERM_ALL,
-        now_ms: lockbridge::authority::unix_ms_now(),
+        now_ms: lockbridge::clock::unix_ms(),
     });
     let link = SimLink::connect(addr, lock["serial"].as_str().unwrap(), 247).await?;
     let config = ClientConfig {
@@ -278,7 +279,7 @@ async fn client_for(
         timing: ClientTiming::default(),
     };
     let mut client = Client::new(config, Box::new(rand_core::OsRng)).unwrap();
-    client.start(now(), lockbridge::authority::unix_ms_now());
+    client.start(now(), lockbridge::clock::unix_ms());
     let mut driver = Driver::new(link, client);
     driver.handshake(|| None).await?;
     let state = driver.command(&[op::GET_STATE]).await?;

@@ -193,7 +193,7 @@ async fn first_run_registers_and_fetches_exactly_once_and_a_restart_asks_nothing
     let locks = world.locks().await;
     let creds = &locks.iter().find(|v| v["id"] == "lock-2").unwrap()["credentials"];
     assert_eq!(creds["provider"], "tedee", "{creds}");
-    assert!(creds["cert_expires"].as_u64().unwrap() > lockbridge::authority::unix_ms_now());
+    assert!(creds["cert_expires"].as_u64().unwrap() > lockbridge::clock::unix_ms());
     assert!(creds["cert_refresh_at"].as_u64().unwrap() < creds["cert_expires"].as_u64().unwrap());
     let record = state_dir(&world).join(format!(
         "tedee/locks/{}.json",

@@ -350,7 +350,7 @@ impl BleConnector {
 /// several times a second).
 const PROBE_WINDOW: Duration = Duration::from_secs(5);
 
-impl crate::session::Connector for BleConnector {
+impl super::Connector for BleConnector {
     type Link = BleLink;
 
     /// The lock is present when BlueZ reports its signal during a short LE scan (BlueZ keeps

@@ -1,6 +1,7 @@
 //! Lock links: byte pipes only, no protocol logic. A link carries values tagged with their
 //! characteristic, reports disconnects and knows the negotiated ATT MTU. Implementations:
-//! [`sim::SimLink`] (the sim socket) and [`ble::BleLink`] (BlueZ through `bluer`).
+//! [`sim::SimLink`] (the sim socket) and [`ble::BleLink`] (BlueZ through `bluer`), each opened
+//! by its [`Connector`].
 
 pub mod ble;
 pub mod sim;
@@ -58,4 +59,17 @@ pub trait Link: Send {
     fn recv(&mut self) -> impl Future<Output = LinkEvent> + Send;
     /// Disconnect on purpose.
     fn close(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+/// Opens links to locks — the sim socket or BlueZ — behind one interface.
+pub trait Connector: Send + Sync + 'static {
+    type Link: Link + 'static;
+    fn connect(
+        &self,
+        serial: &str,
+        att_mtu: u16,
+    ) -> impl Future<Output = Result<Self::Link, LinkError>> + Send;
+
+    /// Whether the lock is on the air now — its advertisement is heard — without connecting.
+    fn probe(&self, serial: &str) -> impl Future<Output = Result<(), LinkError>> + Send;
 }

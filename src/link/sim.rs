@@ -281,3 +281,19 @@ impl Link for SimLink {
         }
     }
 }
+
+/// Opens [`SimLink`]s to the simulator at `addr`.
+pub struct SimConnector {
+    pub addr: ListenAddr,
+}
+
+impl super::Connector for SimConnector {
+    type Link = SimLink;
+    async fn connect(&self, serial: &str, att_mtu: u16) -> Result<SimLink, LinkError> {
+        SimLink::connect(&self.addr, serial, att_mtu).await
+    }
+
+    async fn probe(&self, serial: &str) -> Result<(), LinkError> {
+        probe(&self.addr, serial).await
+    }
+}

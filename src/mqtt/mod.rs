@@ -428,7 +428,7 @@ impl Task {
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
                 _ = metrics.tick() => self.publish_metrics(),
-                _ = crate::driver::sleep_until(self.announce_due) => {
+                _ = crate::clock::sleep_until(self.announce_due) => {
                     self.announce(tokio::time::Instant::now());
                 }
                 _ = retry.tick() => {

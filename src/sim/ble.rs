@@ -136,7 +136,7 @@ pub async fn serve_ble(
     let now = Instant::now();
     let wall = WallClock {
         at: now,
-        unix_ms: crate::authority::unix_ms_now(),
+        unix_ms: crate::clock::unix_ms(),
     };
     let mut locks = Vec::new();
     let mut apps = Vec::new();
@@ -257,7 +257,7 @@ pub async fn serve_ble(
                     }
                 }
             }
-            _ = crate::driver::sleep_until(deadline) => {}
+            _ = crate::clock::sleep_until(deadline) => {}
         }
         let now = Instant::now();
         for (i, lock) in locks.iter_mut().enumerate() {

@@ -145,7 +145,7 @@ pub async fn serve(
     let now = Instant::now();
     let wall = WallClock {
         at: now,
-        unix_ms: crate::authority::unix_ms_now(),
+        unix_ms: crate::clock::unix_ms(),
     };
     let event_log = super::EventLog::open(world.event_log.as_deref())?;
     let chaos = Chaos::new(world.chaos, world.locks.len(), now);
@@ -197,7 +197,7 @@ pub async fn serve(
                 Err(e) => log::warn!("sim: accept failed: {e}"),
             },
             Some((id, incoming)) = inbox.recv() => w.on_incoming(Instant::now(), id, incoming),
-            _ = sleep_until(deadline) => {}
+            _ = crate::clock::sleep_until(deadline) => {}
         }
     }
     // Leave cleanly: every client sees DISCONNECT.
@@ -207,13 +207,6 @@ pub async fn serve(
         });
     }
     Ok(())
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
 }
 
 async fn socket_task(

@@ -690,7 +690,7 @@ fn check_clock(date: &str) {
     let Some(tedee_ms) = parse_http_date_ms(date) else {
         return;
     };
-    let ours = crate::authority::unix_ms_now();
+    let ours = crate::clock::unix_ms();
     let skew = ours.abs_diff(tedee_ms);
     if skew > CLOCK_SKEW_WARNING.as_millis() as u64 {
         log::warn!(

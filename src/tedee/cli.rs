@@ -361,7 +361,7 @@ pub async fn register(
             mobile_id: mobile_id.clone(),
             mobile_name: name.clone(),
             public_key: B64.encode(point),
-            registered_at: super::store::rfc3339(crate::authority::unix_ms_now()),
+            registered_at: super::store::rfc3339(crate::clock::unix_ms()),
         })
         .map_err(anyhow::Error::msg)?;
     log::info!("tedee: registered as mobile {mobile_id} (\"{name}\")");

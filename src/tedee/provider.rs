@@ -200,7 +200,7 @@ fn install(creds: &mut LockCreds, record: &LockRecord) -> Result<(), String> {
 }
 
 fn now_ms() -> u64 {
-    crate::authority::unix_ms_now()
+    crate::clock::unix_ms()
 }
 
 impl CredentialProvider for TedeeProvider {

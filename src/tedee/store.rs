@@ -112,8 +112,7 @@ fn read_json<T: DeserializeOwned>(path: &Path) -> Option<T> {
     match serde_json::from_slice(&bytes) {
         Ok(v) => Some(v),
         Err(e) => {
-            let aside =
-                path.with_extension(format!("json.bad-{}", crate::authority::unix_ms_now()));
+            let aside = path.with_extension(format!("json.bad-{}", crate::clock::unix_ms()));
             match std::fs::rename(path, &aside) {
                 Ok(()) => log::warn!(
                     "tedee: {}: unreadable ({e}); moved aside to {} and acting as if it were absent",
