@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::Action;
 use crate::ptls::gatt;
-use crate::sim::serve::ListenAddr;
+use crate::sim::wire::ListenAddr;
 
 pub const DEFAULT_PATH: &str = "/etc/lockbridge/lockbridge.toml";
 

@@ -17,7 +17,8 @@ use crate::config::LinkPolicy;
 use crate::keys;
 use crate::registry::{GatewayEvent, LinkStatus};
 use crate::sim::config::SimConfig;
-use crate::sim::serve::{ListenAddr, Listener, SimWorld, serve};
+use crate::sim::serve::{Listener, SimWorld, serve};
+use crate::sim::wire::ListenAddr;
 use crate::supervisor::Request;
 
 pub struct DemoOptions {

@@ -12,7 +12,8 @@ use lockbridge::authority::{Authority, IssueRequest};
 use lockbridge::keys;
 use lockbridge::ptls::cert;
 use lockbridge::sim::config::SimConfig;
-use lockbridge::sim::serve::{ListenAddr, Listener, SimWorld};
+use lockbridge::sim::serve::{Listener, SimWorld};
+use lockbridge::sim::wire::ListenAddr;
 
 #[derive(Parser)]
 #[command(

@@ -18,7 +18,7 @@ use lockbridge::ptls::pair::{Endpoint, Fixture, Pair};
 use lockbridge::ptls::wire::{self, ClientHello, ServerHello};
 use lockbridge::ptls::{Channel, Client, Event, Transmit};
 use lockbridge::sim::model::{Behaviour, Lock, LockEndpoint};
-use lockbridge::sim::serve::ListenAddr;
+use lockbridge::sim::wire::ListenAddr;
 
 use common::World;
 

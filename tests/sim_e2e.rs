@@ -19,7 +19,7 @@ use lockbridge::link::Link;
 use lockbridge::link::sim::SimLink;
 use lockbridge::ptls::api::{LockState, notif, op, result};
 use lockbridge::ptls::{Client, ClientConfig, ClientTiming};
-use lockbridge::sim::serve::ListenAddr;
+use lockbridge::sim::wire::ListenAddr;
 
 fn lockbridge(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_lockbridge"))

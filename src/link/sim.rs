@@ -10,8 +10,8 @@ use tokio::sync::mpsc;
 use super::{Link, LinkError, LinkEvent};
 use crate::ptls::Channel;
 use crate::ptls::wire::MIN_ATT_MTU;
-use crate::sim::serve::{ListenAddr, Stream};
 use crate::sim::wire::{self, SimMsg, read_msg, write_msg};
+use crate::sim::wire::{ListenAddr, Stream};
 
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 

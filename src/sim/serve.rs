@@ -6,56 +6,18 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Instant;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::mpsc;
 
 use super::chaos::{Chaos, ChaosConfig, Fault};
 use super::model::{ConnId, Happening, Lock, LockSpec, Output, Refusal};
-use super::wire::{self, SimMsg, read_msg, write_msg};
+use super::wire::{self, ListenAddr, SimMsg, Stream, read_msg, write_msg};
 use crate::fault::{Direction, Fate, FaultConfig, FaultyPipe};
 use crate::ptls::{Channel, WallClock};
-
-/// `unix:PATH` or `tcp:HOST:PORT`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ListenAddr {
-    Unix(PathBuf),
-    Tcp(SocketAddr),
-}
-
-impl FromStr for ListenAddr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if let Some(path) = s.strip_prefix("unix:") {
-            return Ok(ListenAddr::Unix(PathBuf::from(path)));
-        }
-        if let Some(addr) = s.strip_prefix("tcp:") {
-            return addr
-                .parse()
-                .map(ListenAddr::Tcp)
-                .map_err(|_| format!("{addr:?} is not HOST:PORT (for example 127.0.0.1:7400)"));
-        }
-        Err(format!("{s:?}: expected unix:PATH or tcp:127.0.0.1:PORT"))
-    }
-}
-
-impl std::fmt::Display for ListenAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
-            ListenAddr::Tcp(a) => write!(f, "tcp:{a}"),
-        }
-    }
-}
-
-pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 
 pub enum Listener {
     Unix(UnixListener, PathBuf),

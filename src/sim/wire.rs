@@ -4,11 +4,51 @@
 //! The format is documented in `docs/sim-socket.md` so other tools can drive the simulator.
 
 use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::ptls::Channel;
 use crate::ptls::wire::{Malformed, Reader, malformed};
+
+/// Where the sim socket listens: `unix:PATH` or `tcp:HOST:PORT`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        if let Some(addr) = s.strip_prefix("tcp:") {
+            return addr
+                .parse()
+                .map(ListenAddr::Tcp)
+                .map_err(|_| format!("{addr:?} is not HOST:PORT (for example 127.0.0.1:7400)"));
+        }
+        Err(format!("{s:?}: expected unix:PATH or tcp:127.0.0.1:PORT"))
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            ListenAddr::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+/// A stream the sim socket runs over (Unix or TCP).
+pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 
 pub const CONNECT: u8 = 0x01;
 pub const CONNECTED: u8 = 0x02;
