@@ -275,7 +275,8 @@ impl Supervisor {
             retried: false,
         }) {
             let reason = match e {
-                mpsc::error::TrySendError::Full(_) => "busy",
+                // Never left the gateway (a lock that is busy says `busy` itself).
+                mpsc::error::TrySendError::Full(_) => "queue-full",
                 mpsc::error::TrySendError::Closed(_) => "shutting-down",
             };
             self.ledger.finish(&cmd, Outcome::failed(reason));

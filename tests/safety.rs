@@ -562,3 +562,64 @@ async fn control_socket_lines_are_length_limited() {
     let answer = lines.next_line().await.unwrap().unwrap();
     assert!(answer.contains("lock-1"), "{answer}");
 }
+
+// `failed: busy` meant two things: the lock said it was busy (the command reached it) or the
+// gateway's queue was full (it never left). A full queue is now `queue-full`, and such a
+// command never actuates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_is_queue_full_and_never_reaches_the_lock() {
+    let world = World::new(1, |sim| {
+        common::set_lock(sim, 0, "motor_time_ms", toml::Value::Integer(1500))
+    });
+    world.edit_daemon_config(|t| format!("{t}\n[commands]\nqueue_depth = 1\n"));
+    let _sim = world.sim();
+    let _daemon = world.daemon();
+    world
+        .wait_status("lock-1", "connected", Duration::from_secs(20))
+        .await;
+    let mut tasks = Vec::new();
+    for n in 0..8 {
+        let control = world.control();
+        let action = if n % 2 == 0 {
+            Action::Unlock
+        } else {
+            Action::Lock
+        };
+        tasks.push(tokio::spawn(async move {
+            let mut c = ControlClient::connect(&control).await.unwrap();
+            c.command(&Request::Command {
+                lock: "lock-1".into(),
+                action,
+                mode: Mode::Normal,
+                id: Some(format!("q-{n}")),
+                ttl_s: Some(60),
+            })
+            .await
+            .unwrap()
+        }));
+    }
+    let mut full = 0;
+    let mut reached = 0;
+    for t in tasks {
+        let reports = t.await.unwrap();
+        match failure(&reports).as_deref() {
+            Some("queue-full") => {
+                full += 1;
+                assert!(
+                    !reports.iter().any(|r| matches!(r.step, Step::Sent)),
+                    "a queue-full command was sent: {reports:?}"
+                );
+            }
+            _ => reached += 1,
+        }
+    }
+    assert!(
+        full >= 1,
+        "eight commands at once never filled a queue of one"
+    );
+    assert!(
+        world.actuations().len() <= reached,
+        "{} actuations for {reached} commands that left the gateway",
+        world.actuations().len()
+    );
+}

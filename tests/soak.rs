@@ -331,10 +331,11 @@ fn match_actuations(
         match status {
             "success" | "ambiguous" => true,
             // The gateway's own reasons for never sending it; anything else is the lock's
-            // result ("busy" may be either: a full queue says it too).
+            // result.
             "failed" => !matches!(
                 c.outcomes[0]["reason"].as_str().unwrap_or_default(),
                 "unreachable"
+                    | "queue-full"
                     | "shutting-down"
                     | "not-registered"
                     | "invalid-cert"

@@ -773,7 +773,12 @@ fn status_for(outcome: &Outcome) -> ResponseType {
         Outcome::Failed { reason, .. }
             if matches!(
                 reason.as_str(),
-                "unreachable" | "not-registered" | "invalid-cert" | "shutting-down" | "state-store"
+                "unreachable"
+                    | "not-registered"
+                    | "invalid-cert"
+                    | "shutting-down"
+                    | "state-store"
+                    | "queue-full"
             ) =>
         {
             ResponseType::ServiceUnavailable
@@ -940,6 +945,15 @@ async fn handle(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_queue_is_service_unavailable_and_a_busy_lock_a_conflict() {
+        assert_eq!(
+            status_for(&Outcome::failed("queue-full")),
+            ResponseType::ServiceUnavailable
+        );
+        assert_eq!(status_for(&Outcome::failed("busy")), ResponseType::Conflict);
+    }
 
     /// Whether coap-lite's BlockHandler panics on this request.
     fn block_handler_panics(packet: Packet) -> bool {
