@@ -99,7 +99,11 @@ fn locks_lists_the_account_and_gives_a_block_to_paste_for_each_lock_not_configur
         v["locks"] = json!([
             account_lock(locks[0].0, &locks[0].1, "Front door"),
             account_lock(locks[1].0 + 10, "99999999-000001", "Lock 1"),
-            account_lock(78, "99999999-000002", "Garage\n[gateway]\nid = \"evil\""),
+            account_lock(
+                78,
+                "99999999-000002",
+                "Garage\n[gateway]\nid = \"evil\"\u{1b}[2J"
+            ),
         ])
     });
     let out = tedee(&world, &["locks"]);
@@ -117,10 +121,14 @@ fn locks_lists_the_account_and_gives_a_block_to_paste_for_each_lock_not_configur
         t.contains("id = \"lock-1-2\"\nserial = \"99999999-000001\""),
         "{t}"
     );
-    assert!(t.contains("id = \"garage-gateway-id-evil\""), "{t}");
+    assert!(t.contains("id = \"garage-gateway-id-evil-2j\""), "{t}");
     assert!(
         !t.contains("\n[gateway]"),
         "the name broke out of its comment: {t}"
+    );
+    assert!(
+        !t.contains('\u{1b}'),
+        "a terminal escape from the cloud was printed: {t}"
     );
     assert_eq!(fake.calls(), [("GET".into(), "my/lock".into())]);
 
@@ -148,7 +156,7 @@ fn locks_lists_the_account_and_gives_a_block_to_paste_for_each_lock_not_configur
     let list = v["locks"].as_array().unwrap();
     assert_eq!(list.len(), 3);
     assert_eq!(list[1]["configured_as"], "lock-1-2", "{v}");
-    assert_eq!(list[2]["configured_as"], "garage-gateway-id-evil", "{v}");
+    assert_eq!(list[2]["configured_as"], "garage-gateway-id-evil-2j", "{v}");
     assert!(list.iter().all(|l| l["config"].is_null()), "{v}");
     assert_eq!(list[0]["model"], "Lock GO");
     assert_eq!(list[0]["access"], "owner");

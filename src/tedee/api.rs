@@ -361,12 +361,13 @@ impl Api {
                     .and_then(|id| u32::try_from(id).ok())
                     .ok_or_else(|| protocol(format!("lock {i} has no numeric id")))?;
                 let serial = bounded(&v["serialNumber"])
+                    .map(one_line)
                     .ok_or_else(|| protocol(format!("lock {id} has no serialNumber")))?;
                 let small = |k: &str| v[k].as_u64().and_then(|n| u32::try_from(n).ok());
                 Ok(AccountLock {
                     id,
                     serial,
-                    name: bounded(&v["name"]).unwrap_or_default(),
+                    name: bounded(&v["name"]).map(one_line).unwrap_or_default(),
                     model: small("type").unwrap_or(0),
                     access_level: small("accessLevel").unwrap_or(3),
                 })
@@ -608,6 +609,18 @@ impl Api {
 }
 
 /// A string field, bounded.
+/// Text shown to a person as one line: control characters (line breaks, terminal escapes)
+/// become spaces.
+fn one_line(s: String) -> String {
+    if s.chars().any(char::is_control) {
+        s.chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect()
+    } else {
+        s
+    }
+}
+
 fn bounded(v: &Value) -> Option<String> {
     v.as_str()
         .filter(|s| !s.is_empty() && s.len() <= MAX_STRING)
