@@ -174,19 +174,7 @@ async fn handle(stream: UnixStream, supervisor: Arc<Supervisor>) -> std::io::Res
                 let all = supervisor.registry().all();
                 write_json(&mut wr, &all).await?;
             }
-            Request::Gateway => {
-                let config = supervisor.config();
-                let all = supervisor.registry().all();
-                let body = serde_json::json!({
-                    "id": config.gateway.id,
-                    "version": env!("CARGO_PKG_VERSION"),
-                    "locks": all.len(),
-                    "sessions": all.iter().filter(|v| v.status == crate::registry::LinkStatus::Connected).count(),
-                    "id_store": supervisor.ledger().store_health(),
-                    "tedee": supervisor.credentials().gateway_status(),
-                });
-                write_json(&mut wr, &body).await?;
-            }
+            Request::Gateway => write_json(&mut wr, &supervisor.status()).await?,
             Request::Watch => {
                 let mut events = supervisor.registry().subscribe();
                 loop {

@@ -284,6 +284,22 @@ impl Supervisor {
         rx
     }
 
+    /// The gateway's own status, as every front end reports it: id, version, locks and
+    /// sessions, what opening the command-id store found (and appends that failed since), and
+    /// the credentials provider's state (the tedee provider: registration, requests this hour,
+    /// a 429's pause, the last error).
+    pub fn status(&self) -> serde_json::Value {
+        let all = self.registry.all();
+        serde_json::json!({
+            "id": self.config.gateway.id,
+            "version": env!("CARGO_PKG_VERSION"),
+            "locks": all.len(),
+            "sessions": all.iter().filter(|v| v.status == crate::registry::LinkStatus::Connected).count(),
+            "id_store": self.ledger.store_health(),
+            "tedee": self.credentials.gateway_status(),
+        })
+    }
+
     /// The ledger, for what the id store reports.
     pub fn ledger(&self) -> &Arc<Ledger> {
         &self.ledger

@@ -397,24 +397,23 @@ async fn certificates_are_refreshed_near_half_life_and_the_old_one_serves_while_
     );
     // Each renewal is an event; a certificate within a day of expiry that cannot be renewed is
     // a warning (E-22) in the log and as an event, with the hours left and the cloud's error.
+    let lock_1_event = |event: &'static str| {
+        move |m: &common::mqtt::Msg| {
+            m.topic == "lockbridge/demo/events"
+                && m.json()["event"] == event
+                && m.json()["lock"] == "lock-1"
+        }
+    };
     watch.wait(
         "a certificate-renewed event",
         Duration::from_secs(20),
-        |m| {
-            m.topic == "lockbridge/demo/events"
-                && m.json()["event"] == "certificate-renewed"
-                && m.json()["lock"] == "lock-1"
-        },
+        lock_1_event("certificate-renewed"),
     );
     let warning = watch
         .wait(
             "a certificate-expiring event",
             Duration::from_secs(20),
-            |m| {
-                m.topic == "lockbridge/demo/events"
-                    && m.json()["event"] == "certificate-expiring"
-                    && m.json()["lock"] == "lock-1"
-            },
+            lock_1_event("certificate-expiring"),
         )
         .json();
     assert_eq!(warning["hours_left"], 0, "{warning}");

@@ -822,13 +822,9 @@ async fn handle(
         }
         Route::Gateway => {
             use std::sync::atomic::Ordering::Relaxed;
-            let all = sup.registry().all();
-            let body = serde_json::json!({
-                "id": config.gateway.id,
-                "version": env!("CARGO_PKG_VERSION"),
+            let mut body = sup.status();
+            let endpoint_part = serde_json::json!({
                 "uptime_s": endpoint.started.elapsed().as_secs(),
-                "locks": all.len(),
-                "sessions": all.iter().filter(|v| v.status == crate::registry::LinkStatus::Connected).count(),
                 "dtls_peers": endpoint.stats.peers.load(Relaxed),
                 // ClientHellos held back under a flood, and unverified handshakes evicted.
                 "dtls_hellos_held_back": endpoint.stats.held_back.load(Relaxed),
@@ -843,11 +839,12 @@ async fn handle(
                 "dtls_bad_finished": endpoint.stats.bad_finished.load(Relaxed),
                 // Tasks alive in the daemon's runtime: flat over time unless something leaks.
                 "tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
-                // What opening the command-id store found, and appends that failed since.
-                "id_store": sup.ledger().store_health(),
-                // The tedee provider: its registration, requests this hour, a 429's pause.
-                "tedee": sup.credentials().gateway_status(),
             });
+            if let (Some(all), serde_json::Value::Object(more)) =
+                (body.as_object_mut(), endpoint_part)
+            {
+                all.extend(more);
+            }
             json_response(response, ResponseType::Content, &body)
         }
         Route::Locks => {

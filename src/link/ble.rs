@@ -136,19 +136,7 @@ impl BleConnector {
                 return Ok(device);
             }
         }
-        adapter
-            .set_discovery_filter(DiscoveryFilter {
-                transport: DiscoveryTransport::Le,
-                uuids: [uuid].into(),
-                ..Default::default()
-            })
-            .await
-            .map_err(ble("setting the LE discovery filter"))?;
-        let events = adapter
-            .discover_devices()
-            .await
-            .map_err(ble("starting discovery"))?;
-        let mut events = Box::pin(events);
+        let mut events = le_discovery(adapter, [uuid].into()).await?;
         let search = async {
             while let Some(ev) = events.next().await {
                 if let AdapterEvent::DeviceAdded(address) = ev {
@@ -201,6 +189,27 @@ impl BleConnector {
             ),
         })
     }
+}
+
+/// An LE discovery session, for advertisements of `uuids` (any when empty): its events until
+/// dropped.
+async fn le_discovery(
+    adapter: &Adapter,
+    uuids: std::collections::HashSet<Uuid>,
+) -> Result<std::pin::Pin<Box<impl Stream<Item = AdapterEvent>>>, LinkError> {
+    adapter
+        .set_discovery_filter(DiscoveryFilter {
+            transport: DiscoveryTransport::Le,
+            uuids,
+            ..Default::default()
+        })
+        .await
+        .map_err(ble("setting the LE discovery filter"))?;
+    let events = adapter
+        .discover_devices()
+        .await
+        .map_err(ble("starting discovery"))?;
+    Ok(Box::pin(events))
 }
 
 async fn has_uuid(device: &Device, uuid: &Uuid) -> bool {
@@ -296,18 +305,7 @@ impl BleConnector {
     /// advertising a serial UUID (ptls-spec §1) or the lock service, strongest first.
     pub async fn scan(&self, window: Duration) -> Result<Vec<Heard>, LinkError> {
         let adapter = self.adapter().await?;
-        adapter
-            .set_discovery_filter(DiscoveryFilter {
-                transport: DiscoveryTransport::Le,
-                ..Default::default()
-            })
-            .await
-            .map_err(ble("setting the LE discovery filter"))?;
-        let events = adapter
-            .discover_devices()
-            .await
-            .map_err(ble("starting discovery"))?;
-        let mut events = Box::pin(events);
+        let mut events = le_discovery(&adapter, Default::default()).await?;
         let mut seen = std::collections::BTreeSet::new();
         let listen = async {
             while let Some(ev) = events.next().await {
