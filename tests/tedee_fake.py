@@ -159,15 +159,19 @@ class Handler(BaseHTTPRequestHandler):
                                     "statusCode": status})
 
     def handle_call(self, method):
+        # The answer is composed first and sent only once the request is in the log, so a
+        # client that has its answer finds its request there.
+        real, self.wfile = self.wfile, io.BytesIO()
         with LOCK:
             delay = self.call(method)
-        if delay is not None:
+        reply, self.wfile = self.wfile.getvalue(), real
+        if delay:
             # A slow answer: the reply waits outside the lock, so other calls go on.
-            time.sleep(delay[0])
-            try:
-                self.wfile.write(delay[1])
-            except OSError:
-                pass
+            time.sleep(delay)
+        try:
+            self.wfile.write(reply)
+        except OSError:
+            pass
 
     def call(self, method):
         url = urlsplit(self.path)
@@ -210,12 +214,9 @@ class Handler(BaseHTTPRequestHandler):
             return "dropped"
         if fault and "delay_s" in fault:
             # The real answer, sent late (after the caller's timeout).
-            self.wfile, real = io.BytesIO(), self.wfile
-            status = self.route_ok(method, resource, query, key, raw, entry, state)
-            self.delayed = (fault["delay_s"], self.wfile.getvalue())
-            self.wfile = real
+            self.delayed = fault["delay_s"]
             entry["delay_s"] = fault["delay_s"]
-            return status
+            return self.route_ok(method, resource, query, key, raw, entry, state)
         if fault:
             headers = {}
             if "retry_after" in fault:
