@@ -348,7 +348,9 @@ impl World {
         loop {
             let locks = self.locks().await;
             let v = locks.iter().find(|v| v["id"] == lock).unwrap();
-            if v["status"] == status && (status != "connected" || !v["state"].is_null()) {
+            // "connected" in a test means the first refresh is in: GET_STATE and GET_BATTERY.
+            let refreshed = !v["state"].is_null() && !v["battery"].is_null();
+            if v["status"] == status && (status != "connected" || refreshed) {
                 return;
             }
             assert!(t.elapsed() < limit, "{lock} never reached {status}: {v}");
