@@ -279,6 +279,75 @@ impl StatusChange {
     }
 }
 
+/// GET_STATE's answer (spec §5.2): the state and whether the bolt is jammed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockStatus {
+    pub state: LockState,
+    pub jammed: bool,
+}
+
+impl LockStatus {
+    /// A SUCCESS response's data, `state ‖ status ‖ …` (later bytes are ignored).
+    pub fn parse(data: &[u8]) -> Result<LockStatus, Malformed> {
+        let [state, status, ..] = data else {
+            return Err(super::wire::malformed(
+                "GET_STATE answer (state and status)",
+            ));
+        };
+        Ok(LockStatus {
+            state: LockState::from_byte(*state),
+            jammed: *status == STATUS_JAMMED,
+        })
+    }
+}
+
+/// GET_BATTERY's answer and the BATTERY_STATE notification: level in percent, charging.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Battery {
+    pub level: u8,
+    pub charging: bool,
+}
+
+impl Battery {
+    pub fn parse(data: &[u8]) -> Result<Battery, Malformed> {
+        let [level, charging, ..] = data else {
+            return Err(super::wire::malformed("battery (level and charging)"));
+        };
+        Ok(Battery {
+            level: *level,
+            charging: *charging != 0,
+        })
+    }
+}
+
+/// An encrypted notification, parsed once (spec §5.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Notification {
+    StatusChange(StatusChange),
+    Battery(Battery),
+    StartCharging,
+    StopCharging,
+    FullyCharged,
+    /// The lock lost its trusted time and asks for a signed one.
+    NeedDateTime,
+    /// A notification this gateway does not act on, by id.
+    Other(u8),
+}
+
+impl Notification {
+    pub fn parse(id: u8, params: &[u8]) -> Result<Notification, Malformed> {
+        Ok(match id {
+            notif::LOCK_STATUS_CHANGE => Notification::StatusChange(StatusChange::parse(params)?),
+            notif::BATTERY_STATE => Notification::Battery(Battery::parse(params)?),
+            notif::BATTERY_START_CHARGING => Notification::StartCharging,
+            notif::BATTERY_STOP_CHARGING => Notification::StopCharging,
+            notif::BATTERY_FULLY_CHARGED => Notification::FullyCharged,
+            notif::NEED_DATE_TIME => Notification::NeedDateTime,
+            other => Notification::Other(other),
+        })
+    }
+}
+
 /// PTLS alert codes (spec §6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Alert {
@@ -430,5 +499,31 @@ mod tests {
         assert!(StatusChange::parse(&[]).is_err());
         assert_eq!(trigger::name(0x10), "door-sensor");
         assert_eq!(trigger::name(0x20), "other-0x20");
+    }
+
+    #[test]
+    fn state_battery_and_notifications_are_read_once_and_short_ones_refused() {
+        let s = LockStatus::parse(&[0x02, STATUS_JAMMED, 0xFF]).unwrap();
+        assert_eq!((s.state, s.jammed), (LockState::Unlocked, true));
+        assert!(LockStatus::parse(&[0x02]).is_err());
+        let b = Battery::parse(&[87, 1]).unwrap();
+        assert_eq!((b.level, b.charging), (87, true));
+        assert!(Battery::parse(&[87]).is_err());
+        assert!(matches!(
+            Notification::parse(notif::BATTERY_STATE, &[40, 0]),
+            Ok(Notification::Battery(Battery {
+                level: 40,
+                charging: false
+            }))
+        ));
+        assert!(Notification::parse(notif::LOCK_STATUS_CHANGE, &[0x06]).is_err());
+        assert_eq!(
+            Notification::parse(notif::NEED_DATE_TIME, &[]).unwrap(),
+            Notification::NeedDateTime
+        );
+        assert_eq!(
+            Notification::parse(0x42, &[1, 2]).unwrap(),
+            Notification::Other(0x42)
+        );
     }
 }
