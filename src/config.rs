@@ -231,7 +231,7 @@ impl Tedee {
 pub struct Commands {
     /// Deadline of a command that names none.
     pub default_ttl_s: u64,
-    /// Commands waiting per lock; more are refused `failed: busy`.
+    /// Commands waiting per lock behind the one in flight; more are refused `failed: queue-full`.
     pub queue_depth: usize,
     /// How long command ids are remembered (at least 24 h).
     pub remember_ids_h: u64,

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!  control socket (cli) ──┐
-//!  CoAP/DTLS (cloud) ─────┼► supervisor ─► session (one task per lock) ─► driver ─► ptls::Client ─► link (BlueZ | sim) ─► lock
+//!  CoAP/DTLS (cloud) ─────┼► supervisor ─► session::shell ⇄ session::core (one per lock) · ptls::Client ─► link (BlueZ | sim) ─► lock
 //!  MQTT bridge (mqtt) ────┘  │ registry (state, events) ─► CoAP Observe, MQTT state
 //!                            │ ledger + idstore · slots
 //!  sim::model::Lock ⇄ ptls::Server (one per connection) ⇄ sim::serve ⇄ sim socket
@@ -23,9 +23,11 @@
 //! - [`link`] — byte pipes to a lock: the [`link::Link`] trait, [`link::sim::SimLink`] and
 //!   [`link::ble::BleLink`] (BlueZ through `bluer`, opened by [`link::ble::BleConnector`],
 //!   which also scans for Tedee locks for `lockbridge scan`).
-//! - [`driver`] — runs one `ptls::Client` over one `Link` on the tokio clock.
-//! - [`session`] — the per-lock event loop: slots, connect, handshake, trusted time, state from
-//!   notifications, commands with their outcome rules, link policies, reconnect backoff.
+//! - [`session`] — one per lock: [`session::core`] decides, **sans-IO** like `ptls` (commands
+//!   with their outcome rules, slots, handshake and trusted time, state from notifications,
+//!   link policies, reconnect backoff; one timer table); [`session::shell`] is its one async
+//!   loop, carrying out what the core asks on the link, the `ptls::Client`, the ledger and the
+//!   registry.
 //! - [`supervisor`] — owns the sessions; permissions, ids, deadlines, routing, bounded queues,
 //!   graceful shutdown. [`registry`] is the lock state front ends read and the event stream;
 //!   [`ledger`] scopes ids to their origin, de-duplicates them and delivers steps;
@@ -69,7 +71,6 @@ pub mod credentials;
 pub mod ctl;
 pub mod daemon;
 pub mod demo;
-pub mod driver;
 pub mod fault;
 pub mod idstore;
 pub mod keys;

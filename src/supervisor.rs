@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use p256::ecdsa::SigningKey;
@@ -46,6 +46,8 @@ pub struct Supervisor {
     ledger: Arc<Ledger>,
     credentials: Arc<dyn CredentialProvider>,
     queues: HashMap<String, Arc<std::sync::Mutex<mpsc::Sender<Job>>>>,
+    /// Commands each session holds behind the one it runs.
+    queued: HashMap<String, Arc<AtomicUsize>>,
     heartbeats: HashMap<String, Arc<AtomicU64>>,
     accepting: AtomicBool,
     stop: watch::Sender<bool>,
@@ -102,6 +104,7 @@ impl Supervisor {
         let mut tasks = JoinSet::new();
         let mut queues = HashMap::new();
         let mut heartbeats = HashMap::new();
+        let mut queued = HashMap::new();
         for entry in &config.locks {
             // Empty only under a provider that supplies the key (config validation).
             let lock_key = match crate::keys::parse_public_b64(&entry.public_key) {
@@ -118,6 +121,8 @@ impl Supervisor {
             let queue = Arc::new(std::sync::Mutex::new(tx));
             queues.insert(entry.id.clone(), queue.clone());
             heartbeats.insert(entry.id.clone(), heartbeat.clone());
+            let waiting = Arc::new(AtomicUsize::new(0));
+            queued.insert(entry.id.clone(), waiting.clone());
             let params = SessionParams {
                 entry: entry.clone(),
                 lock_key,
@@ -129,6 +134,8 @@ impl Supervisor {
                 att_mtu: config.ble.att_mtu,
                 connect_timeout: Duration::from_secs(config.ble.connect_timeout_s),
                 response_timeout: config.response_timeout(),
+                queue_depth: config.commands.queue_depth,
+                queued: waiting,
                 heartbeat,
             };
             tasks.spawn(keep_running(
@@ -146,6 +153,7 @@ impl Supervisor {
             ledger,
             credentials,
             queues,
+            queued,
             heartbeats,
             accepting: AtomicBool::new(true),
             stop,
@@ -159,7 +167,8 @@ impl Supervisor {
             .iter()
             .map(|(id, q)| {
                 let q = q.lock().unwrap_or_else(|p| p.into_inner());
-                (id.clone(), q.max_capacity() - q.capacity())
+                let held = self.queued.get(id).map_or(0, |n| n.load(Ordering::Relaxed));
+                (id.clone(), q.max_capacity() - q.capacity() + held)
             })
             .collect()
     }

@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used, clippy::print_stdout)] // test and benchmark code: a failed unwrap is a failed run
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -13,8 +15,8 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::Value;
 
+use common::driver::Driver;
 use lockbridge::clock::now;
-use lockbridge::driver::Driver;
 use lockbridge::link::Link;
 use lockbridge::link::sim::SimLink;
 use lockbridge::ptls::api::{LockState, notif, op, result};
@@ -252,7 +254,7 @@ async fn client_for(
     addr: &ListenAddr,
     summary: &Value,
     dir: &Path,
-) -> Result<(), lockbridge::driver::DriveError> {
+) -> Result<(), common::driver::DriveError> {
     use lockbridge::authority::{Authority, IssueRequest};
     let authority = Authority::load(Path::new(summary["authority"].as_str().unwrap())).unwrap();
     let lock = &summary["locks"][0];
@@ -298,7 +300,7 @@ async fn sim_socket_fault_injection_cuts_the_link_after_n_frames() {
     let (addr, summary, _stop) = serve_with_faults(dir.path(), faults).await;
     let err = client_for(&addr, &summary, dir.path()).await.unwrap_err();
     assert!(
-        matches!(err, lockbridge::driver::DriveError::Disconnected(ref r) if r == "link fault"),
+        matches!(err, common::driver::DriveError::Disconnected(ref r) if r == "link fault"),
         "{err}"
     );
 }

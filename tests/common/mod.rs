@@ -3,6 +3,7 @@
 
 #![allow(dead_code, clippy::unwrap_used)] // each suite uses a different subset
 
+pub mod driver;
 pub mod dtls_raw;
 pub mod mqtt;
 pub mod tedee;

@@ -1,14 +1,15 @@
-//! Drives one [`ptls::Client`] over one [`Link`]: writes what the core transmits, feeds it what
-//! the link receives, and sleeps until its next timer. The daemon's per-lock session is built
-//! on this; the demo and the end-to-end tests use it directly.
+//! Drives one [`ptls::Client`] over one [`Link`], for the suites that talk to the simulator
+//! with a bare client: writes what the client transmits, feeds it what the link receives, and
+//! sleeps until its next timer. (The daemon's sessions have their own loop in
+//! `session::shell`.)
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use crate::clock::{now, sleep_until};
-use crate::link::{Link, LinkError, LinkEvent};
-use crate::ptls::api::{Response, SignedTime};
-use crate::ptls::{self, Client, Event, Unanswered};
+use lockbridge::clock::{now, sleep_until};
+use lockbridge::link::{Link, LinkError, LinkEvent};
+use lockbridge::ptls::api::{Response, SignedTime};
+use lockbridge::ptls::{self, Client, Event, Unanswered};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriveError {
