@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 # Suites that take longest, from measured runs: started first.
-LONG_FIRST = ["dtls_faults", "soak", "tedee_provider", "coap_hostile", "mqtt_e2e", "safety", "ble_e2e",
+LONG_FIRST = ["dtls_faults", "soak", "tedee_provider", "session_props", "coap_hostile", "mqtt_e2e", "safety", "ble_e2e",
               "dtls_hostile", "coap_e2e", "daemon_e2e", "ptls_properties", "mqtt_hostile"]
 
 
