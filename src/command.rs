@@ -238,10 +238,10 @@ impl Outcome {
 
     /// The `reason` of a `failed` outcome.
     pub fn failure(&self) -> Option<&str> {
-        match self {
-            Outcome::Failed { reason, .. } => Some(reason),
-            _ => None,
-        }
+        let Outcome::Failed { reason, .. } = self else {
+            return None;
+        };
+        Some(reason)
     }
 
     pub fn status(&self) -> &'static str {
@@ -283,10 +283,10 @@ pub struct Report {
 
 impl Report {
     pub fn outcome(&self) -> Option<&Outcome> {
-        match &self.step {
-            Step::Done { outcome } => Some(outcome),
-            _ => None,
-        }
+        let Step::Done { outcome } = &self.step else {
+            return None;
+        };
+        Some(outcome)
     }
 }
 

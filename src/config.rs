@@ -990,7 +990,7 @@ impl Config {
                         "certificate clients need the gateway's coap.certificate and coap.private_key".into(),
                     ));
                 }
-                _ => {}
+                ClientAuth::CertificateCn(_) | ClientAuth::PinnedKey(_) => {}
             }
         }
         if !self.mqtt.broker.is_empty() {

@@ -432,7 +432,11 @@ pub async fn run(
                         Outcome::Success { state: Some(s), .. } => {
                             format!("success, bolt {}", s.state)
                         }
-                        other => serde_json::to_string(other)?,
+                        other @ (Outcome::Success { .. }
+                        | Outcome::Failed { .. }
+                        | Outcome::Denied { .. }
+                        | Outcome::Expired
+                        | Outcome::Ambiguous { .. }) => serde_json::to_string(other)?,
                     };
                     writeln!(
                         out,
@@ -442,7 +446,7 @@ pub async fn run(
                     )?;
                     break;
                 }
-                step => writeln!(
+                step @ (Step::Accepted | Step::Sent) => writeln!(
                     out,
                     "{action:<6} {lock}: {step:?} at {:.0} ms",
                     t.elapsed().as_secs_f64() * 1000.0

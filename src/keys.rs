@@ -94,6 +94,8 @@ pub fn generate(path: &Path) -> Result<SigningKey, KeyError> {
 /// Read a file that holds a secret (a key, a PSK, a password). It must be a regular file —
 /// a FIFO, device, socket or directory at the path is refused, never read from — owned by the
 /// user lockbridge runs as, and readable by that user alone.
+// A wildcard on purpose: io::ErrorKind is open-ended: every other kind is reported as it is.
+#[allow(clippy::wildcard_enum_match_arm)]
 pub fn read_secret(path: &Path) -> Result<Zeroizing<Vec<u8>>, KeyError> {
     use std::io::Read;
     use std::os::unix::fs::MetadataExt;

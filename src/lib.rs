@@ -60,6 +60,9 @@
 //!   front-end tasks restarted when they panic; [`systemd`] — sd_notify and the watchdog;
 //!   [`telemetry`] — logging; [`demo`] — `lockbridge demo`.
 
+// No event kind may be dropped by a silent `_`: every match on our enums names what it ignores.
+#![cfg_attr(not(test), warn(clippy::wildcard_enum_match_arm))]
+
 pub mod authority;
 pub mod backoff;
 pub mod clock;

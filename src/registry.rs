@@ -140,7 +140,10 @@ impl Counters {
             }
             GatewayEvent::Stalled { .. } => self.stalls += 1,
             GatewayEvent::TaskFailed { .. } => self.task_failures += 1,
-            _ => {}
+            GatewayEvent::LockChanged { .. }
+            | GatewayEvent::Command { .. }
+            | GatewayEvent::CertificateRenewed { .. }
+            | GatewayEvent::CertificateExpiring { .. } => {}
         }
     }
 }

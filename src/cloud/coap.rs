@@ -99,7 +99,7 @@ impl Route {
     fn lock(&self) -> Option<&str> {
         match self {
             Route::Lock(id) | Route::Command { lock: id, .. } => Some(id),
-            _ => None,
+            Route::Core | Route::Gateway | Route::Locks => None,
         }
     }
 }
@@ -139,7 +139,7 @@ pub fn triage(packet: &Packet) -> Triage {
     match packet.header.get_type() {
         MessageType::Acknowledgement => return Triage::Answer { mid, reset: false },
         MessageType::Reset => return Triage::Answer { mid, reset: true },
-        _ => {}
+        MessageType::Confirmable | MessageType::NonConfirmable => {}
     }
     let method = match packet.header.code {
         MessageClass::Empty if confirmable => return Triage::Ping,
@@ -148,7 +148,9 @@ pub fn triage(packet: &Packet) -> Triage {
         MessageClass::Reserved(c) if c < 0x20 => {
             return Triage::Refuse(ResponseType::MethodNotAllowed, "unknown method".into());
         }
-        _ => return Triage::Ignore,
+        MessageClass::Empty | MessageClass::Response(_) | MessageClass::Reserved(_) => {
+            return Triage::Ignore;
+        }
     };
     for (&number, _) in packet.options() {
         if PROXY_OPTIONS.contains(&number) {

@@ -66,6 +66,8 @@ pub async fn probe(addr: &ListenAddr, serial: &str) -> Result<(), LinkError> {
 impl SimLink {
     /// Connect to `serial` at the simulator, request `att_mtu`, and subscribe to the three
     /// characteristics the client listens on (spec §1: before hello).
+    // A wildcard on purpose: `buffer` sorts every message that is not the awaited reply.
+    #[allow(clippy::wildcard_enum_match_arm)]
     pub async fn connect(
         addr: &ListenAddr,
         serial: &str,
@@ -106,7 +108,16 @@ impl SimLink {
                     },
                 });
             }
-            _ => {
+            SimMsg::Connect { .. }
+            | SimMsg::Probe { .. }
+            | SimMsg::Seen
+            | SimMsg::Write { .. }
+            | SimMsg::WriteAck { .. }
+            | SimMsg::WriteError { .. }
+            | SimMsg::Subscribe { .. }
+            | SimMsg::Subscribed { .. }
+            | SimMsg::Value { .. }
+            | SimMsg::Disconnect { .. } => {
                 return Err(LinkError::Disconnected {
                     reason: "unexpected reply to CONNECT".into(),
                 });
@@ -191,7 +202,17 @@ impl SimLink {
                 });
                 Err(LinkError::Disconnected { reason })
             }
-            _ => Ok(()),
+            // A reply out of turn (a late ack after a timeout): nothing waits for it.
+            SimMsg::Connect { .. }
+            | SimMsg::Connected { .. }
+            | SimMsg::Refused { .. }
+            | SimMsg::Probe { .. }
+            | SimMsg::Seen
+            | SimMsg::Write { .. }
+            | SimMsg::WriteAck { .. }
+            | SimMsg::WriteError { .. }
+            | SimMsg::Subscribe { .. }
+            | SimMsg::Subscribed { .. } => Ok(()),
         }
     }
 }
@@ -211,6 +232,9 @@ impl Link for SimLink {
         self.att_mtu
     }
 
+    // A wildcard on purpose: `buffer` sorts every message that is not the awaited reply.
+
+    #[allow(clippy::wildcard_enum_match_arm)]
     async fn write(&mut self, channel: Channel, value: &[u8]) -> Result<(), LinkError> {
         self.send(&SimMsg::Write {
             channel,

@@ -199,7 +199,8 @@ fn from_v5(event: v5::Event) -> Option<Incoming> {
                 correlation,
             }))
         }
-        _ => None,
+        // Acks, pings and what the client sends: nothing for the bridge.
+        v5::Event::Incoming(_) | v5::Event::Outgoing(_) => None,
     }
 }
 
@@ -213,6 +214,6 @@ fn from_v311(event: rumqttc::Event) -> Option<Incoming> {
             response_topic: None,
             correlation: None,
         })),
-        _ => None,
+        rumqttc::Event::Incoming(_) | rumqttc::Event::Outgoing(_) => None,
     }
 }

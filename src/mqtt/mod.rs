@@ -545,7 +545,14 @@ impl Task {
             }
             // Each step of every command, whoever sent it; MQTT's own also go to `result`.
             GatewayEvent::Command { report } if report.outcome().is_none() => return,
-            _ => {}
+            GatewayEvent::SessionUp { .. }
+            | GatewayEvent::SessionDown { .. }
+            | GatewayEvent::Alert { .. }
+            | GatewayEvent::Stalled { .. }
+            | GatewayEvent::Command { .. }
+            | GatewayEvent::TaskFailed { .. }
+            | GatewayEvent::CertificateRenewed { .. }
+            | GatewayEvent::CertificateExpiring { .. } => {}
         }
         if let Ok(json) = serde_json::to_vec(&event) {
             let topic = self.topics.events.clone();

@@ -252,25 +252,25 @@ impl Client {
     }
 
     pub fn session_id(&self) -> Option<[u8; 4]> {
-        match &self.state {
-            State::Established(s) => Some(s.session_id),
-            _ => None,
-        }
+        let State::Established(s) = &self.state else {
+            return None;
+        };
+        Some(s.session_id)
     }
 
     pub fn established_at(&self) -> Option<Instant> {
-        match &self.state {
-            State::Established(s) => Some(s.established_at),
-            _ => None,
-        }
+        let State::Established(s) = &self.state else {
+            return None;
+        };
+        Some(s.established_at)
     }
 
     /// Records sealed and opened in the current session.
     pub fn record_counters(&self) -> Option<(u32, u32)> {
-        match &self.state {
-            State::Established(s) => Some((s.tx.counter(), s.rx.counter())),
-            _ => None,
-        }
+        let State::Established(s) = &self.state else {
+            return None;
+        };
+        Some((s.tx.counter(), s.rx.counter()))
     }
 
     pub fn state_name(&self) -> &'static str {
@@ -331,7 +331,12 @@ impl Client {
                 );
             }
             State::Established(_) => {}
-            _ => return,
+            State::Idle
+            | State::ExpectServerHello(_)
+            | State::ExpectServerVerify(_)
+            | State::ExpectInitialized(_)
+            | State::AwaitTimeResult
+            | State::Closed => return,
         }
         self.transmits.push_back(Transmit {
             channel: Channel::ApiCommands,

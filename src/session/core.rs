@@ -562,7 +562,11 @@ impl Core {
                     busy: Busy::Asking { opcode, .. },
                     ..
                 } if *opcode == r.opcode => self.on_answer(now, Ok(r)),
-                _ => {
+                Phase::Offline
+                | Phase::Connecting
+                | Phase::Handshaking { .. }
+                | Phase::Ready { .. }
+                | Phase::Stopped => {
                     log::debug!(LOCK_ID = self.id(); "lock {}: a response to {:#04x} nobody waits for; ignored", self.id(), r.opcode);
                 }
             },
@@ -632,7 +636,7 @@ impl Core {
                     self.finish(job, Outcome::failed("unreachable"));
                 }
                 Busy::Asking { purpose, .. } => self.unanswered(now, purpose, why),
-                other => *busy = other,
+                other @ (Busy::Free | Busy::Recording(_) | Busy::Settling { .. }) => *busy = other,
             }
         }
         self.advance(now);
@@ -655,8 +659,13 @@ impl Core {
                 }
             }
             // Mid-session the lock asks again when it reconnects (ALERT 0x02).
-            _ if pending => log::info!("lock {} needs trusted time: {why}", self.id()),
-            _ => log::error!("lock {} needs trusted time: {why}", self.id()),
+            Phase::Offline | Phase::Connecting | Phase::Ready { .. } | Phase::Stopped => {
+                if pending {
+                    log::info!("lock {} needs trusted time: {why}", self.id());
+                } else {
+                    log::error!("lock {} needs trusted time: {why}", self.id());
+                }
+            }
         }
         self.advance(now);
     }
@@ -1135,6 +1144,8 @@ impl Core {
     }
 
     /// The handshake ended without a session.
+    // A wildcard on purpose: every other way a handshake fails is retried alike.
+    #[allow(clippy::wildcard_enum_match_arm)]
     fn handshake_closed(&mut self, now: Now, e: ptls::Error) {
         self.close_link();
         match e {
@@ -1294,7 +1305,11 @@ impl Core {
                     self.timers.set(Timer::Yield, at);
                 }
             }
-            _ => {
+            Phase::Offline
+            | Phase::Connecting
+            | Phase::Handshaking { .. }
+            | Phase::Ready { .. }
+            | Phase::Stopped => {
                 self.timers.stop(Timer::Yield);
                 self.due.yield_slot = false;
             }

@@ -348,7 +348,13 @@ impl Lock {
         let opcode = match self.state {
             LockState::Unlocked => op::LOCK,
             LockState::Locked | LockState::PartiallyUnlocked => op::UNLOCK,
-            _ => return false,
+            LockState::Uncalibrated
+            | LockState::Calibration
+            | LockState::Unlocking
+            | LockState::Locking
+            | LockState::PullSpring
+            | LockState::Pulling
+            | LockState::Unknown => return false,
         };
         if !self.motion.is_empty() {
             return false;

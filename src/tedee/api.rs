@@ -37,6 +37,8 @@ impl std::fmt::Debug for Pak {
 
 impl Pak {
     /// One line from `path`, trimmed; the file must be this user's and 0600 (E-01, E-02).
+    // A wildcard on purpose: any other key error says what is wrong itself.
+    #[allow(clippy::wildcard_enum_match_arm)]
     pub fn read(path: &Path) -> Result<Pak, String> {
         let bytes = crate::keys::read_secret(path).map_err(|e| match e {
             crate::keys::KeyError::NotFound { .. } => {
@@ -128,7 +130,11 @@ impl CallError {
             CallError::RateLimited { retry_after, .. } => Outcome::RateLimited(*retry_after),
             CallError::Unauthorized { .. } => Outcome::Unauthorized,
             CallError::Server { .. } | CallError::Network(_) => Outcome::Transient,
-            _ => Outcome::Refused,
+            CallError::Forbidden { .. }
+            | CallError::NotFound { .. }
+            | CallError::VersionRefused { .. }
+            | CallError::Refused { .. }
+            | CallError::Protocol { .. } => Outcome::Refused,
         }
     }
 

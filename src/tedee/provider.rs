@@ -574,7 +574,9 @@ impl Worker {
                 let retry = match outcome {
                     Outcome::RateLimited(_) => self.policy.paused_until(Instant::now()),
                     Outcome::Transient => self.policy.retry_at(&purpose),
-                    _ => Some(Instant::now() + REFUSED_RETRY),
+                    Outcome::Success | Outcome::Unauthorized | Outcome::Refused => {
+                        Some(Instant::now() + REFUSED_RETRY)
+                    }
                 }
                 .unwrap_or(Instant::now() + REFUSED_RETRY);
                 let secs = retry.saturating_duration_since(Instant::now()).as_secs();
@@ -585,8 +587,13 @@ impl Worker {
                             .map(|t| format!(" until {t}"))
                             .unwrap_or_default()
                     ),
-                    CallError::RateLimited { .. } => e.to_string(),
-                    _ => e.to_string(),
+                    CallError::RateLimited { .. }
+                    | CallError::Unauthorized { .. }
+                    | CallError::Forbidden { .. }
+                    | CallError::NotFound { .. }
+                    | CallError::VersionRefused { .. }
+                    | CallError::Refused { .. }
+                    | CallError::Protocol { .. } => e.to_string(),
                 };
                 log::warn!("tedee: {what}: {message}");
                 self.state().last_error = Some(message);
@@ -912,7 +919,7 @@ impl Worker {
             }) => {
                 let retry = match &step {
                     Step::RetryAt(t) => Some(*t),
-                    _ => None,
+                    Step::Done | Step::KeyRefused => None,
                 };
                 self.failed(serial, &e, retry, forced).await;
                 step
@@ -1052,7 +1059,14 @@ impl Worker {
                 "The Tedee account no longer has access to lock `{id}` (serial {serial}). Restore its access in the Tedee app; lockbridge retries hourly.{}",
                 e.tail()
             )),
-            _ => None,
+            CallError::RateLimited { .. }
+            | CallError::Unauthorized { .. }
+            | CallError::NotFound { .. }
+            | CallError::VersionRefused { .. }
+            | CallError::Refused { .. }
+            | CallError::Server { .. }
+            | CallError::Network(_)
+            | CallError::Protocol { .. } => None,
         };
         let mut s = self.state();
         let Some(c) = s.locks.get_mut(serial) else {
