@@ -109,10 +109,96 @@ impl std::str::FromStr for Mode {
     }
 }
 
-/// The reason of a request refused before it became a command.
-pub const BAD_REQUEST: &str = "bad-request";
-/// The reason of a repeated id that names another command.
-pub const ID_CONFLICT: &str = "id-conflict";
+/// Why a command failed: one value per cause, written as the same kebab-case word on every
+/// surface (control socket, CoAP, MQTT, the id store).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// What the lock answered: `busy`, `no-permission`, `not-calibrated`, … (`unknown-result`
+    /// for a code this gateway has no name for).
+    Lock(u8),
+    /// The lock took the command but the bolt stopped part way.
+    Jammed,
+    Unreachable,
+    NotRegistered,
+    InvalidCert,
+    /// The lock's queue here was full: the command never left the gateway.
+    QueueFull,
+    UnknownLock,
+    ShuttingDown,
+    /// The request was malformed or out of bounds (`detail` says what).
+    BadRequest,
+    /// The id already names another command of this origin.
+    IdConflict,
+    /// The id could not be recorded, so the command was not sent.
+    StateStore,
+    /// The lock's session failed (a bug) before the command was sent.
+    InternalError,
+}
+
+impl Reason {
+    const GATEWAY: [Reason; 11] = [
+        Reason::Jammed,
+        Reason::Unreachable,
+        Reason::NotRegistered,
+        Reason::InvalidCert,
+        Reason::QueueFull,
+        Reason::UnknownLock,
+        Reason::ShuttingDown,
+        Reason::BadRequest,
+        Reason::IdConflict,
+        Reason::StateStore,
+        Reason::InternalError,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::Lock(code) => crate::ptls::api::result::name(code),
+            Reason::Jammed => "jammed",
+            Reason::Unreachable => "unreachable",
+            Reason::NotRegistered => "not-registered",
+            Reason::InvalidCert => "invalid-cert",
+            Reason::QueueFull => "queue-full",
+            Reason::UnknownLock => "unknown-lock",
+            Reason::ShuttingDown => "shutting-down",
+            Reason::BadRequest => "bad-request",
+            Reason::IdConflict => "id-conflict",
+            Reason::StateStore => "state-store",
+            Reason::InternalError => "internal-error",
+        }
+    }
+
+    /// The reason a name stands for: the gateway's own first, then the lock's result codes.
+    pub fn parse(name: &str) -> Option<Reason> {
+        Reason::GATEWAY
+            .into_iter()
+            .find(|r| r.name() == name)
+            .or_else(|| {
+                (0..=u8::MAX)
+                    .map(Reason::Lock)
+                    .find(|r| r.name() == name && *r != Reason::Lock(0))
+            })
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Serialize for Reason {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for Reason {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Reason, D::Error> {
+        let name = String::deserialize(d)?;
+        Reason::parse(&name)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown failure reason {name:?}")))
+    }
+}
 
 /// Longest command id, in bytes, on every surface: ids are kept for a day, so a client cannot
 /// fill the store with huge keys.
@@ -183,13 +269,9 @@ pub enum Outcome {
         #[serde(skip_serializing_if = "Option::is_none")]
         battery: Option<u8>,
     },
-    /// `reason`: a lock result (`busy`, `no-permission`, …), `jammed` (the bolt stopped part
-    /// way; `state` says where), `unreachable`, `not-registered`, `invalid-cert`,
-    /// `unknown-lock`, `busy` (the lock's queue here is full), `shutting-down`, `bad-request`
-    /// (`detail` says what is wrong), `id-conflict` (the id names another command),
-    /// `state-store` (its record could not be written, so it was not sent).
+    /// Why, as a [`Reason`]; for `jammed`, `state` says where the bolt stopped.
     Failed {
-        reason: String,
+        reason: Reason,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         state: Option<StateReading>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -208,9 +290,9 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub fn failed(reason: impl Into<String>) -> Outcome {
+    pub fn failed(reason: Reason) -> Outcome {
         Outcome::Failed {
-            reason: reason.into(),
+            reason,
             state: None,
             detail: None,
         }
@@ -219,7 +301,7 @@ impl Outcome {
     /// `failed: bad-request`, saying what is wrong with the request.
     pub fn bad_request(detail: impl Into<String>) -> Outcome {
         Outcome::Failed {
-            reason: BAD_REQUEST.into(),
+            reason: Reason::BadRequest,
             state: None,
             detail: Some(detail.into()),
         }
@@ -228,7 +310,7 @@ impl Outcome {
     /// `failed: id-conflict`: the id already names another command of this origin.
     pub fn id_conflict(first: &str) -> Outcome {
         Outcome::Failed {
-            reason: ID_CONFLICT.into(),
+            reason: Reason::IdConflict,
             state: None,
             detail: Some(format!(
                 "this id already names {first}; use a new id for a new command"
@@ -236,12 +318,16 @@ impl Outcome {
         }
     }
 
-    /// The `reason` of a `failed` outcome.
-    pub fn failure(&self) -> Option<&str> {
+    /// The `reason` of a `failed` outcome, as every surface writes it.
+    pub fn failure(&self) -> Option<&'static str> {
+        self.reason().map(Reason::name)
+    }
+
+    pub fn reason(&self) -> Option<Reason> {
         let Outcome::Failed { reason, .. } = self else {
             return None;
         };
-        Some(reason)
+        Some(*reason)
     }
 
     pub fn status(&self) -> &'static str {
@@ -318,5 +404,39 @@ mod tests {
         );
         let back: Report = serde_json::from_str(&json).unwrap();
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn failure_reasons_are_the_same_words_as_before_and_read_back() {
+        let words = [
+            (Reason::Lock(crate::ptls::api::result::BUSY), "busy"),
+            (
+                Reason::Lock(crate::ptls::api::result::NO_PERMISSION),
+                "no-permission",
+            ),
+            (Reason::Jammed, "jammed"),
+            (Reason::Unreachable, "unreachable"),
+            (Reason::NotRegistered, "not-registered"),
+            (Reason::InvalidCert, "invalid-cert"),
+            (Reason::QueueFull, "queue-full"),
+            (Reason::UnknownLock, "unknown-lock"),
+            (Reason::ShuttingDown, "shutting-down"),
+            (Reason::BadRequest, "bad-request"),
+            (Reason::IdConflict, "id-conflict"),
+            (Reason::StateStore, "state-store"),
+            (Reason::InternalError, "internal-error"),
+        ];
+        for (reason, word) in words {
+            let json = serde_json::to_string(&Outcome::failed(reason)).unwrap();
+            assert_eq!(json, format!(r#"{{"status":"failed","reason":"{word}"}}"#));
+            assert_eq!(
+                serde_json::from_str::<Outcome>(&json).unwrap().reason(),
+                Some(reason)
+            );
+        }
+        // A code without a name keeps the word it always had.
+        assert_eq!(Reason::Lock(0x42).name(), "unknown-result");
+        assert!(Reason::parse("unknown-result").is_some());
+        assert!(serde_json::from_str::<Outcome>(r#"{"status":"failed","reason":"nope"}"#).is_err());
     }
 }

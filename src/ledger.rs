@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::mpsc;
 
 use crate::clock::unix_ms;
-use crate::command::{Command, Outcome, Report, Step};
+use crate::command::{Command, Outcome, Reason, Report, Step};
 use crate::idstore::{Entry, Health, IdStore, StoreError};
 use crate::registry::{GatewayEvent, Registry};
 
@@ -177,7 +177,7 @@ impl Ledger {
                     reason: "the lock's session failed while the command was in flight".into(),
                 }
             } else {
-                Outcome::failed("internal-error")
+                Outcome::failed(Reason::InternalError)
             };
             self.finish(&cmd, outcome);
         }
@@ -300,7 +300,10 @@ mod tests {
         let mqtt = command("mqtt", "x", "front", Action::Lock);
         assert!(matches!(l.begin(&mqtt, channel().0), Begin::New));
         l.finish(&mqtt, Outcome::Expired);
-        l.finish(&bob, Outcome::failed("busy"));
+        l.finish(
+            &bob,
+            Outcome::failed(Reason::Lock(crate::ptls::api::result::BUSY)),
+        );
         let got = bob_rx.try_recv().unwrap();
         assert_eq!(got.outcome().and_then(Outcome::failure), Some("busy"));
     }

@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 
 use crate::clock::now;
 use crate::clock::unix_ms;
-use crate::command::{Action, Command, MAX_TTL, Mode, Outcome, Report, Step, check_id};
+use crate::command::{Action, Command, MAX_TTL, Mode, Outcome, Reason, Report, Step, check_id};
 use crate::config::Config;
 use crate::credentials::CredentialProvider;
 use crate::ledger::{Begin, Ledger};
@@ -233,11 +233,11 @@ impl Supervisor {
             origin: req.origin.clone(),
         };
         if !self.accepting.load(Ordering::SeqCst) {
-            done(Outcome::failed("shutting-down"));
+            done(Outcome::failed(Reason::ShuttingDown));
             return rx;
         }
         if !self.registry.contains(&cmd.lock) {
-            done(Outcome::failed("unknown-lock"));
+            done(Outcome::failed(Reason::UnknownLock));
             return rx;
         }
         let who = crate::config::Who::now(&cmd.origin, req.source);
@@ -275,7 +275,8 @@ impl Supervisor {
         }
         self.ledger.step(&cmd, Step::Accepted);
         let Some(queue) = self.queues.get(&cmd.lock) else {
-            self.ledger.finish(&cmd, Outcome::failed("unknown-lock"));
+            self.ledger
+                .finish(&cmd, Outcome::failed(Reason::UnknownLock));
             return rx;
         };
         let queue = queue.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -285,8 +286,8 @@ impl Supervisor {
         }) {
             let reason = match e {
                 // Never left the gateway (a lock that is busy says `busy` itself).
-                mpsc::error::TrySendError::Full(_) => "queue-full",
-                mpsc::error::TrySendError::Closed(_) => "shutting-down",
+                mpsc::error::TrySendError::Full(_) => Reason::QueueFull,
+                mpsc::error::TrySendError::Closed(_) => Reason::ShuttingDown,
             };
             self.ledger.finish(&cmd, Outcome::failed(reason));
         }

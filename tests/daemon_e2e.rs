@@ -11,7 +11,7 @@ use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use lockbridge::command::{Action, Mode, Outcome, Step};
+use lockbridge::command::{Action, Mode, Outcome, Reason, Step};
 use lockbridge::control::{ControlClient, Request};
 
 use common::{World, outcome, set_faults, set_lock};
@@ -200,7 +200,7 @@ async fn a_factory_reset_lock_is_reported_not_registered_and_not_retried() {
     w.wait_status("lock-1", "not-registered", Duration::from_secs(10))
         .await;
     let reports = w.command("lock-1", Action::Unlock, None, Some(30)).await;
-    assert_eq!(outcome(&reports), &Outcome::failed("not-registered"));
+    assert_eq!(outcome(&reports), &Outcome::failed(Reason::NotRegistered));
     // Still not retrying after longer than the first backoff (2 s), and nothing ever moved:
     // an absence, which only time can show.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -343,7 +343,7 @@ async fn a_refused_certificate_is_refreshed_once_then_reported_invalid_cert() {
     w.wait_status("lock-1", "invalid-cert", Duration::from_secs(15))
         .await;
     let reports = w.command("lock-1", Action::Unlock, None, Some(10)).await;
-    assert_eq!(outcome(&reports), &Outcome::failed("invalid-cert"));
+    assert_eq!(outcome(&reports), &Outcome::failed(Reason::InvalidCert));
     assert!(w.actuations().is_empty());
 }
 

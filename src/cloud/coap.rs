@@ -20,7 +20,7 @@ use webrtc_dtls::conn::DTLSConn;
 
 use super::dtls::{NewPeer, Notice, verify};
 use super::{Endpoint, Membership};
-use crate::command::{Action, BAD_REQUEST, Mode, Outcome, Step, check_id};
+use crate::command::{Action, Mode, Outcome, Reason, Step, check_id};
 use crate::registry::GatewayEvent;
 use crate::supervisor::Request;
 use crate::tasks::AbortOnDrop;
@@ -770,22 +770,21 @@ fn status_for(outcome: &Outcome) -> ResponseType {
         Outcome::Success { .. } => ResponseType::Changed,
         Outcome::Denied { .. } => ResponseType::Forbidden,
         Outcome::Expired => ResponseType::GatewayTimeout,
-        Outcome::Failed { reason, .. } if reason == "unknown-lock" => ResponseType::NotFound,
-        Outcome::Failed { reason, .. } if reason == BAD_REQUEST => ResponseType::BadRequest,
-        Outcome::Failed { reason, .. }
-            if matches!(
-                reason.as_str(),
-                "unreachable"
-                    | "not-registered"
-                    | "invalid-cert"
-                    | "shutting-down"
-                    | "state-store"
-                    | "queue-full"
-            ) =>
-        {
-            ResponseType::ServiceUnavailable
-        }
-        Outcome::Failed { .. } => ResponseType::Conflict,
+        Outcome::Failed { reason, .. } => match reason {
+            Reason::UnknownLock => ResponseType::NotFound,
+            Reason::BadRequest => ResponseType::BadRequest,
+            // Not the lock's answer: the gateway could not get it there (or back).
+            Reason::Unreachable
+            | Reason::NotRegistered
+            | Reason::InvalidCert
+            | Reason::ShuttingDown
+            | Reason::StateStore
+            | Reason::QueueFull => ResponseType::ServiceUnavailable,
+            // The lock said no, or the request conflicts with the state of things.
+            Reason::Lock(_) | Reason::Jammed | Reason::IdConflict | Reason::InternalError => {
+                ResponseType::Conflict
+            }
+        },
         Outcome::Ambiguous { .. } => ResponseType::ServiceUnavailable,
     }
 }
@@ -948,10 +947,15 @@ mod tests {
     #[test]
     fn a_full_queue_is_service_unavailable_and_a_busy_lock_a_conflict() {
         assert_eq!(
-            status_for(&Outcome::failed("queue-full")),
+            status_for(&Outcome::failed(Reason::QueueFull)),
             ResponseType::ServiceUnavailable
         );
-        assert_eq!(status_for(&Outcome::failed("busy")), ResponseType::Conflict);
+        assert_eq!(
+            status_for(&Outcome::failed(Reason::Lock(
+                crate::ptls::api::result::BUSY
+            ))),
+            ResponseType::Conflict
+        );
     }
 
     /// Whether coap-lite's BlockHandler panics on this request.

@@ -24,7 +24,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 
 use crate::backoff::Backoff;
-use crate::command::{Outcome, StateReading};
+use crate::command::{Outcome, Reason, StateReading};
 use crate::config::{LinkPolicy, LockEntry};
 use crate::ptls::api::{self, Battery, LockStatus, Notification, StatusChange, op, result};
 use crate::ptls::timer::TimerTable;
@@ -351,7 +351,7 @@ pub struct Core {
     due: Due,
     stopping: bool,
     /// Set after NOT_REGISTERED or a second INVALID_CERT: no retries until the operator asks.
-    parked: Option<&'static str>,
+    parked: Option<Reason>,
     /// The lock refused a certificate once; the next connection presents a fresh one.
     cert_refused: bool,
     reload_certificate: bool,
@@ -446,11 +446,11 @@ impl Core {
 
     pub fn handle_job(&mut self, now: Now, job: Job) {
         match (&self.phase, self.parked) {
-            (Phase::Stopped, _) => self.finish(job, Outcome::failed("shutting-down")),
+            (Phase::Stopped, _) => self.finish(job, Outcome::failed(Reason::ShuttingDown)),
             (_, Some(reason)) => self.finish(job, Outcome::failed(reason)),
             // Never left the gateway (a lock that is busy says `busy` itself).
             _ if self.pending.len() >= self.s.queue_depth => {
-                self.finish(job, Outcome::failed("queue-full"))
+                self.finish(job, Outcome::failed(Reason::QueueFull))
             }
             _ => self.pending.push_back(job),
         }
@@ -521,7 +521,7 @@ impl Core {
                     } = std::mem::replace(busy, Busy::Free)
                     {
                         // Provably never reached the lock: unreachable, not ambiguous.
-                        self.finish(job, Outcome::failed("unreachable"));
+                        self.finish(job, Outcome::failed(Reason::Unreachable));
                     }
                 }
                 self.link_lost(now, format!("write not delivered: {reason}"));
@@ -612,7 +612,7 @@ impl Core {
                         self.finish(
                             job,
                             Outcome::Failed {
-                                reason: "state-store".into(),
+                                reason: Reason::StateStore,
                                 state: None,
                                 detail: Some(format!("{e}; free space in the state directory")),
                             },
@@ -633,7 +633,7 @@ impl Core {
                     ..
                 } => {
                     log::warn!(LOCK_ID = self.id(); "lock {}: command {} not sent: {why}", self.id(), job.command.id);
-                    self.finish(job, Outcome::failed("unreachable"));
+                    self.finish(job, Outcome::failed(Reason::Unreachable));
                 }
                 Busy::Asking { purpose, .. } => self.unanswered(now, purpose, why),
                 other @ (Busy::Free | Busy::Recording(_) | Busy::Settling { .. }) => *busy = other,
@@ -694,7 +694,7 @@ impl Core {
             self.id(),
             why.as_deref().unwrap_or("check the credentials provider and the lock's device id")
         );
-        self.park("invalid-cert");
+        self.park(Reason::InvalidCert);
         self.show(
             now,
             LinkStatus::InvalidCert,
@@ -786,7 +786,7 @@ impl Core {
         match &mut self.phase {
             Phase::Offline => {
                 if self.stopping {
-                    self.fail_waiting("shutting-down");
+                    self.fail_waiting(Reason::ShuttingDown);
                     self.show(now, LinkStatus::Stopped, None);
                     self.phase = Phase::Stopped;
                     self.timers = TimerTable::new(TIMERS);
@@ -909,7 +909,7 @@ impl Core {
             .flatten();
         match purpose {
             Purpose::Command(job) if r.result != result::SUCCESS => {
-                self.finish(job, Outcome::failed(result::name(r.result)));
+                self.finish(job, Outcome::failed(Reason::Lock(r.result)));
             }
             Purpose::Command(job) if job.command.action.is_actuating() => {
                 self.timers.set(Timer::Settle, now.at + MOTION_GRACE);
@@ -987,7 +987,7 @@ impl Core {
                 // are never retransmitted, so the session that lost one is out of step with
                 // the lock, and the next command on it would fail too.
                 if job.retried {
-                    self.finish(job, Outcome::failed("unreachable"));
+                    self.finish(job, Outcome::failed(Reason::Unreachable));
                 } else {
                     job.retried = true;
                     self.pending.push_front(job);
@@ -1027,7 +1027,7 @@ impl Core {
         self.timers.stop(Timer::Settle);
         let outcome = match stopped {
             Some(s) if s.jammed => Outcome::Failed {
-                reason: "jammed".into(),
+                reason: Reason::Jammed,
                 state: Some(reading_of(s)),
                 detail: None,
             },
@@ -1151,7 +1151,7 @@ impl Core {
         match e {
             ptls::Error::Alert(Alert::NotRegistered) => {
                 log::error!(LOCK_ID = self.id(); "lock {}: NOT_REGISTERED — the lock was reset or removed; re-add it, then restart lockbridge", self.id());
-                self.park("not-registered");
+                self.park(Reason::NotRegistered);
                 self.show(
                     now,
                     LinkStatus::NotRegistered,
@@ -1192,7 +1192,7 @@ impl Core {
                         let why = format!("link lost after sending: {reason}");
                         self.keep_for_readback(now, job, why);
                     }
-                    Purpose::Command(job) => self.finish(job, Outcome::failed("unreachable")),
+                    Purpose::Command(job) => self.finish(job, Outcome::failed(Reason::Unreachable)),
                     Purpose::AfterUnanswered(job, why) => self.keep_for_readback(now, job, why),
                     Purpose::ReadBack(job, why) => self.finish(
                         job,
@@ -1238,7 +1238,7 @@ impl Core {
         self.due = Due::default();
     }
 
-    fn park(&mut self, reason: &'static str) {
+    fn park(&mut self, reason: Reason) {
         self.parked = Some(reason);
         self.actions.push_back(Action::Park);
     }
@@ -1276,7 +1276,7 @@ impl Core {
     }
 
     /// What waits and never left: `reason`; a read-back that cannot happen: ambiguous.
-    fn fail_waiting(&mut self, reason: &str) {
+    fn fail_waiting(&mut self, reason: Reason) {
         for job in std::mem::take(&mut self.pending) {
             self.finish(job, Outcome::failed(reason));
         }
@@ -1671,7 +1671,10 @@ mod tests {
         t.submit(1_001, t.job("b", Act::Lock, 60_000));
         t.submit(1_002, t.job("c", Act::Unlock, 60_000));
         let a = t.submit(1_003, t.job("d", Act::Lock, 60_000));
-        assert_eq!(outcomes(&a), [("d".into(), Outcome::failed("queue-full"))]);
+        assert_eq!(
+            outcomes(&a),
+            [("d".into(), Outcome::failed(Reason::QueueFull))]
+        );
         assert_eq!(t.core.queued(), 2);
     }
 
@@ -1696,7 +1699,7 @@ mod tests {
         );
         let o = t.outcomes();
         assert!(
-            matches!(&o[..], [(_, Outcome::Failed { reason, state: Some(_), .. })] if reason == "jammed"),
+            matches!(&o[..], [(_, Outcome::Failed { reason, state: Some(_), .. })] if *reason == Reason::Jammed),
             "a bolt stopped part way is failed: jammed: {o:?}"
         );
     }
@@ -1723,7 +1726,10 @@ mod tests {
         let a = t.event(6_200, Event::Established { session_id: [3; 4] });
         assert_eq!(sends(&a), [vec![op::GET_STATE]], "asked once more");
         t.event(11_200, silence);
-        assert_eq!(t.outcomes(), [("r".into(), Outcome::failed("unreachable"))]);
+        assert_eq!(
+            t.outcomes(),
+            [("r".into(), Outcome::failed(Reason::Unreachable))]
+        );
     }
 
     #[test]
@@ -1736,7 +1742,7 @@ mod tests {
         t.take();
         let o = t.outcomes();
         assert!(
-            matches!(&o[..], [(_, Outcome::Failed { reason, .. })] if reason == "state-store"),
+            matches!(&o[..], [(_, Outcome::Failed { reason, .. })] if *reason == Reason::StateStore),
             "{o:?}"
         );
         assert_eq!(t.written(&UNLOCK), 0);
@@ -1755,7 +1761,10 @@ mod tests {
             },
         );
         t.take();
-        assert_eq!(t.outcomes(), [("a".into(), Outcome::failed("unreachable"))]);
+        assert_eq!(
+            t.outcomes(),
+            [("a".into(), Outcome::failed(Reason::Unreachable))]
+        );
     }
 
     #[test]
@@ -1784,14 +1793,14 @@ mod tests {
         t.take();
         assert_eq!(
             t.outcomes(),
-            [("b".into(), Outcome::failed("shutting-down"))]
+            [("b".into(), Outcome::failed(Reason::ShuttingDown))]
         );
         assert!(t.core.is_stopped());
         // And a command after that gets its outcome too.
         let a = t.submit(300, t.job("c", Act::Lock, 60_000));
         assert_eq!(
             outcomes(&a),
-            [("c".into(), Outcome::failed("shutting-down"))]
+            [("c".into(), Outcome::failed(Reason::ShuttingDown))]
         );
     }
 
@@ -1806,7 +1815,7 @@ mod tests {
         let a = t.submit(200, t.job("a", Act::Unlock, 60_000));
         assert_eq!(
             outcomes(&a),
-            [("a".into(), Outcome::failed("not-registered"))]
+            [("a".into(), Outcome::failed(Reason::NotRegistered))]
         );
         t.core.handle_retry(t.at(300));
         assert!(t.core.wants_slot().is_some());
