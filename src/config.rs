@@ -14,8 +14,8 @@ use crate::sim::wire::ListenAddr;
 
 pub const DEFAULT_PATH: &str = "/etc/lockbridge/lockbridge.toml";
 
-/// The command origin of the MQTT bridge, for `[[permissions]]`.
-pub const MQTT_ORIGIN: &str = "mqtt";
+pub use crate::policy::MQTT_ORIGIN;
+use crate::policy::{Permission, Policy};
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -39,7 +39,7 @@ pub struct Config {
     #[serde(default)]
     pub mqtt: Mqtt,
     /// Who may do what: one rule per origin and lock pattern.
-    #[serde(default = "default_permissions")]
+    #[serde(default = "crate::policy::default_permissions")]
     pub permissions: Vec<Permission>,
     #[serde(default)]
     pub locks: Vec<LockEntry>,
@@ -348,9 +348,10 @@ pub struct Mqtt {
     pub client_certificate: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
     pub keep_alive_s: u64,
-    /// Actions MQTT commands may take on every lock (`lock`, `unlock`, `pull`, `read`);
-    /// `[[permissions]]` rules with `origin = "mqtt"` can add more per lock.
-    pub allow: Vec<Action>,
+    /// Deprecated: actions MQTT commands may take on every lock. Write a `[[permissions]]`
+    /// rule with `origin = "mqtt"` instead; this key still works, with a warning.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<Action>>,
     /// How often `<root>/metrics` is published.
     pub metrics_interval_s: u64,
     /// Reconnect delays: doubling from the first to the cap, with jitter.
@@ -378,7 +379,7 @@ impl Default for Mqtt {
             client_certificate: None,
             client_key: None,
             keep_alive_s: 30,
-            allow: vec![Action::Lock, Action::Unlock],
+            allow: None,
             metrics_interval_s: 60,
             reconnect_min_ms: 500,
             reconnect_max_s: 60,
@@ -501,157 +502,6 @@ impl CoapClient {
         }
         Ok(zeroize::Zeroizing::new(key))
     }
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Permission {
-    /// `cli` (the control socket), a CoAP client identity; later `mqtt`.
-    pub origin: String,
-    /// Lock ids this rule covers; `*` and `?` wildcards.
-    #[serde(default = "star")]
-    pub locks: String,
-    pub actions: Vec<Action>,
-    /// Source address ranges (CIDR) the client must come from; empty = anywhere. A rule with
-    /// ranges never matches an origin without an address (the control socket).
-    #[serde(default)]
-    pub from: Vec<ipnet::IpNet>,
-    /// Times of the week (UTC) the rule applies, such as `"mon-fri 07:00-19:00"`; empty = always.
-    #[serde(default)]
-    pub windows: Vec<Window>,
-}
-
-impl Permission {
-    fn matches(&self, who: &Who, lock: &str, action: Action) -> bool {
-        self.origin == who.origin
-            && glob(&self.locks, lock)
-            && self.actions.contains(&action)
-            && (self.from.is_empty()
-                || who
-                    .source
-                    .is_some_and(|ip| self.from.iter().any(|net| net.contains(&ip))))
-            && (self.windows.is_empty() || self.windows.iter().any(|w| w.contains(who.now)))
-    }
-}
-
-/// Who asks, from where and when: what a [`Permission`] is checked against.
-#[derive(Clone, Copy, Debug)]
-pub struct Who<'a> {
-    pub origin: &'a str,
-    pub source: Option<std::net::IpAddr>,
-    /// Seconds since the Unix epoch.
-    pub now: u64,
-}
-
-impl<'a> Who<'a> {
-    /// `origin` asking now, from `source` if it came over the network.
-    pub fn now(origin: &'a str, source: Option<std::net::IpAddr>) -> Who<'a> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        Who {
-            origin,
-            source,
-            now,
-        }
-    }
-}
-
-/// A weekly time window in UTC: days (Monday first) and minutes of the day. A window whose end
-/// is before its start runs past midnight into the next day.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Window {
-    text: String,
-    /// Bit 0 = Monday.
-    days: u8,
-    start: u32,
-    end: u32,
-}
-
-const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
-
-impl Window {
-    /// Whether the instant `unix` (seconds) falls in the window.
-    pub fn contains(&self, unix: u64) -> bool {
-        let day = ((unix / 86_400 + 3) % 7) as u8; // 1970-01-01 was a Thursday
-        let minute = ((unix % 86_400) / 60) as u32;
-        let on = |d: u8| self.days & (1 << d) != 0;
-        if self.start <= self.end {
-            on(day) && minute >= self.start && minute < self.end
-        } else {
-            (on(day) && minute >= self.start) || (on((day + 6) % 7) && minute < self.end)
-        }
-    }
-}
-
-impl TryFrom<String> for Window {
-    type Error = String;
-
-    fn try_from(text: String) -> Result<Window, String> {
-        let bad =
-            || format!("{text:?}: expected DAYS HH:MM-HH:MM, such as \"mon-fri 07:00-19:00\"");
-        let (days_text, hours) = match text.trim().split_once(' ') {
-            Some((d, h)) => (d, h.trim()),
-            None => ("mon-sun", text.trim()),
-        };
-        let day = |name: &str| DAYS.iter().position(|d| *d == name).ok_or_else(bad);
-        let mut days = 0u8;
-        for part in days_text.split(',') {
-            let (first, last) = match part.split_once('-') {
-                Some((a, b)) => (day(a)?, day(b)?),
-                None => (day(part)?, day(part)?),
-            };
-            let mut d = first;
-            loop {
-                days |= 1 << d;
-                if d == last {
-                    break;
-                }
-                d = (d + 1) % 7;
-            }
-        }
-        let minute = |hm: &str| -> Result<u32, String> {
-            let (h, m) = hm.split_once(':').ok_or_else(bad)?;
-            let (h, m): (u32, u32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
-            if m > 59 || h > 24 || (h == 24 && m != 0) {
-                return Err(bad());
-            }
-            Ok(h * 60 + m)
-        };
-        let (start, end) = hours.split_once('-').ok_or_else(bad)?;
-        let (start, end) = (minute(start)?, minute(end)?);
-        if start == end {
-            return Err(bad());
-        }
-        Ok(Window {
-            text,
-            days,
-            start,
-            end,
-        })
-    }
-}
-
-impl From<Window> for String {
-    fn from(w: Window) -> String {
-        w.text
-    }
-}
-
-fn star() -> String {
-    "*".into()
-}
-
-fn default_permissions() -> Vec<Permission> {
-    vec![Permission {
-        origin: "cli".into(),
-        locks: star(),
-        actions: Action::ALL.to_vec(),
-        from: Vec::new(),
-        windows: Vec::new(),
-    }]
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -1105,13 +955,22 @@ impl Config {
         Duration::from_secs(self.commands.response_timeout_s)
     }
 
-    /// Whether `who` may do `action` on lock `lock`.
-    pub fn allows(&self, who: &Who, lock: &str, action: Action) -> bool {
-        (who.origin == MQTT_ORIGIN && self.mqtt.allow.contains(&action))
-            || self
-                .permissions
-                .iter()
-                .any(|p| p.matches(who, lock, action))
+    /// The access policy these settings make.
+    pub fn policy(&self) -> Policy {
+        Policy::new(&self.permissions, self.mqtt.allow.as_deref())
+    }
+
+    /// What the configuration asks for in a way that is going away, with the new way.
+    pub fn deprecations(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(actions) = &self.mqtt.allow {
+            let list: Vec<String> = actions.iter().map(|a| format!("{:?}", a.name())).collect();
+            out.push(format!(
+                "mqtt.allow is deprecated: write [[permissions]] origin = \"mqtt\" actions = [{}] instead (it works the same)",
+                list.join(", ")
+            ));
+        }
+        out
     }
 }
 
@@ -1131,79 +990,15 @@ fn from_config_error(name: &str, e: config::ConfigError) -> ConfigError {
     }
 }
 
-/// `*` matches any run of characters, `?` one character.
-pub fn glob(pattern: &str, text: &str) -> bool {
-    fn go(p: &[char], t: &[char]) -> bool {
-        match (p.first(), t.first()) {
-            (None, None) => true,
-            (Some('*'), _) => go(&p[1..], t) || (!t.is_empty() && go(p, &t[1..])),
-            (Some('?'), Some(_)) => go(&p[1..], &t[1..]),
-            (Some(a), Some(b)) if a == b => go(&p[1..], &t[1..]),
-            _ => false,
-        }
-    }
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
-    go(&p, &t)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn globs() {
-        assert!(glob("*", "front-door"));
-        assert!(glob("front-*", "front-door"));
-        assert!(glob("?ack", "back"));
-        assert!(!glob("front-*", "back-door"));
-    }
+    use crate::policy::Who;
 
     /// 2026-11-16 was a Monday.
     fn at(day: u64, hh: u64, mm: u64) -> u64 {
         let monday = 20_773 * 86_400;
         monday + day * 86_400 + hh * 3600 + mm * 60
-    }
-
-    #[test]
-    fn windows_cover_days_and_hours_in_utc() {
-        assert_eq!(
-            (at(0, 0, 0) / 86_400 + 3) % 7,
-            0,
-            "the reference day is a Monday"
-        );
-        let w = Window::try_from("mon-fri 07:00-19:00".to_string()).unwrap();
-        assert!(w.contains(at(0, 7, 0)));
-        assert!(w.contains(at(4, 18, 59)));
-        assert!(!w.contains(at(4, 19, 0)));
-        assert!(!w.contains(at(5, 12, 0)), "Saturday");
-        assert!(!w.contains(at(2, 6, 59)));
-        let night = Window::try_from("sat,sun 22:00-06:00".to_string()).unwrap();
-        assert!(night.contains(at(5, 23, 0)), "Saturday night");
-        assert!(
-            night.contains(at(6, 5, 59)),
-            "early Sunday, from Saturday's window"
-        );
-        assert!(
-            night.contains(at(7, 5, 0)),
-            "early Monday, from Sunday's window"
-        );
-        assert!(!night.contains(at(7, 6, 0)));
-        assert!(!night.contains(at(4, 23, 0)), "Friday night");
-        let wrap = Window::try_from("fri-mon 00:00-24:00".to_string()).unwrap();
-        assert!(wrap.contains(at(6, 12, 0)) && wrap.contains(at(0, 12, 0)));
-        assert!(!wrap.contains(at(1, 12, 0)));
-        let daily = Window::try_from("09:00-10:00".to_string()).unwrap();
-        assert!(daily.contains(at(3, 9, 30)));
-        for bad in [
-            "mon-fri",
-            "mon 7-19",
-            "xyz 07:00-08:00",
-            "mon 07:00-07:00",
-            "25:00-26:00",
-        ] {
-            assert!(Window::try_from(bad.to_string()).is_err(), "{bad}");
-        }
     }
 
     #[test]
@@ -1234,22 +1029,35 @@ actions = ["read"]
             now,
         };
         let monday_noon = at(0, 12, 0);
-        assert!(cfg.allows(&who(office, monday_noon), "front-door", Action::Unlock));
-        assert!(cfg.allows(
+        assert!(
+            cfg.policy()
+                .allows(&who(office, monday_noon), "front-door", Action::Unlock)
+        );
+        assert!(cfg.policy().allows(
             &who(Some("::1".parse().unwrap()), monday_noon),
             "front-door",
             Action::Unlock
         ));
-        assert!(!cfg.allows(
+        assert!(!cfg.policy().allows(
             &who(Some("10.2.0.1".parse().unwrap()), monday_noon),
             "front-door",
             Action::Unlock
         ));
-        assert!(!cfg.allows(&who(None, monday_noon), "front-door", Action::Unlock));
-        assert!(!cfg.allows(&who(office, at(5, 12, 0)), "front-door", Action::Unlock));
-        assert!(!cfg.allows(&who(office, monday_noon), "back-door", Action::Unlock));
         assert!(
-            cfg.allows(&who(None, at(5, 3, 0)), "back-door", Action::Read),
+            !cfg.policy()
+                .allows(&who(None, monday_noon), "front-door", Action::Unlock)
+        );
+        assert!(
+            !cfg.policy()
+                .allows(&who(office, at(5, 12, 0)), "front-door", Action::Unlock)
+        );
+        assert!(
+            !cfg.policy()
+                .allows(&who(office, monday_noon), "back-door", Action::Unlock)
+        );
+        assert!(
+            cfg.policy()
+                .allows(&who(None, at(5, 3, 0)), "back-door", Action::Read),
             "second rule"
         );
         let cli = Who {
@@ -1258,7 +1066,7 @@ actions = ["read"]
             now: monday_noon,
         };
         assert!(
-            !cfg.allows(&cli, "front-door", Action::Read),
+            !cfg.policy().allows(&cli, "front-door", Action::Read),
             "explicit rules replace the default"
         );
 
@@ -1276,5 +1084,28 @@ actions = ["read"]
         .unwrap();
         let e = Config::load_with_env(&path, []).unwrap_err().to_string();
         assert!(e.contains("DAYS HH:MM-HH:MM"), "{e}");
+    }
+
+    #[test]
+    fn mqtt_allow_still_works_and_says_it_is_deprecated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let mqtt = |p: &Policy, action| p.allows(&Who::new(MQTT_ORIGIN, None, 0), "front", action);
+        std::fs::write(&path, "[mqtt]\nallow = [\"lock\"]\n").unwrap();
+        let old = Config::load_with_env(&path, []).unwrap();
+        assert!(mqtt(&old.policy(), Action::Lock) && !mqtt(&old.policy(), Action::Unlock));
+        let warned = old.deprecations();
+        assert!(
+            warned.len() == 1 && warned[0].contains("origin = \"mqtt\" actions = [\"lock\"]"),
+            "{warned:?}"
+        );
+        std::fs::write(
+            &path,
+            "[[permissions]]\norigin = \"mqtt\"\nactions = [\"lock\"]\n",
+        )
+        .unwrap();
+        let new = Config::load_with_env(&path, []).unwrap();
+        assert!(mqtt(&new.policy(), Action::Lock) && !mqtt(&new.policy(), Action::Unlock));
+        assert!(new.deprecations().is_empty());
     }
 }

@@ -101,6 +101,9 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         })
     });
     tasks.push(tokio::spawn(liveness(supervisor.clone())));
+    for warning in config.deprecations() {
+        log::warn!("{warning}");
+    }
     log::info!(
         "lockbridge {} up: gateway {}, {} locks, {} connection slots, control socket {}",
         env!("CARGO_PKG_VERSION"),

@@ -166,7 +166,8 @@ pub fn setup(
     if let Some(DemoBroker { addr, protocol }) = mqtt {
         // The MQTT origin may do everything here, so Home Assistant also offers OPEN.
         toml.push_str(&format!(
-            "\n[mqtt]\nbroker = {addr:?}\nprotocol = {protocol:?}\nallow = [\"lock\", \"unlock\", \"pull\"]\n"
+            "\n[mqtt]\nbroker = {addr:?}\nprotocol = {protocol:?}\n\n\
+             [[permissions]]\norigin = \"mqtt\"\nactions = [\"lock\", \"unlock\", \"pull\"]\n"
         ));
     }
     let daemon_config = dir.join("lockbridge.toml");

@@ -33,6 +33,8 @@
 //!   [`ledger`] scopes ids to their origin, de-duplicates them and delivers steps;
 //!   [`idstore`] makes ids durable and survives damage;
 //!   [`slots`] schedules connection slots; [`command`] is the command/outcome model.
+//! - [`policy`] — who may do what (origins, lock globs, actions, address ranges, weekly
+//!   windows), the one answer every front end asks, with the time as an argument.
 //! - [`config`] — the daemon's TOML + environment configuration; [`credentials`] — the
 //!   certificate and signed-time providers; [`keys`] — key files and the one reader of every
 //!   secret file; [`authority`] — issuing.
@@ -80,6 +82,7 @@ pub mod keys;
 pub mod ledger;
 pub mod link;
 pub mod mqtt;
+pub mod policy;
 pub mod ptls;
 pub mod registry;
 pub mod session;

@@ -342,6 +342,9 @@ fn check_config(path: &std::path::Path) -> std::process::ExitCode {
         c.credentials.provider,
         c.key_path().display()
     );
+    for warning in c.deprecations() {
+        let _ = writeln!(std::io::stderr(), "warning: {warning}");
+    }
     match writeln!(std::io::stdout(), "{line}") {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(_) => std::process::ExitCode::FAILURE,

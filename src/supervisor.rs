@@ -42,6 +42,7 @@ pub struct Request {
 
 pub struct Supervisor {
     config: Arc<Config>,
+    policy: crate::policy::Policy,
     registry: Arc<Registry>,
     ledger: Arc<Ledger>,
     credentials: Arc<dyn CredentialProvider>,
@@ -148,6 +149,7 @@ impl Supervisor {
             ));
         }
         Supervisor {
+            policy: config.policy(),
             config,
             registry,
             ledger,
@@ -179,6 +181,11 @@ impl Supervisor {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Who may do what: the one policy every front end asks.
+    pub fn policy(&self) -> &crate::policy::Policy {
+        &self.policy
     }
 
     /// The oldest heartbeat among session tasks (Unix ms): the liveness check's input.
@@ -240,8 +247,8 @@ impl Supervisor {
             done(Outcome::failed(Reason::UnknownLock));
             return rx;
         }
-        let who = crate::config::Who::now(&cmd.origin, req.source);
-        if !self.config.allows(&who, &cmd.lock, cmd.action) {
+        let who = crate::policy::Who::new(&cmd.origin, req.source, unix_ms() / 1000);
+        if !self.policy.allows(&who, &cmd.lock, cmd.action) {
             log::warn!(
                 "command {}: origin {} may not {} lock {}: denied",
                 cmd.id,

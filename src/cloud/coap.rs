@@ -802,10 +802,10 @@ async fn handle(
         Err((status, why)) => return Some(Reply::Now(error(response, status, &why))),
     };
     let sup = &endpoint.supervisor;
-    let config = sup.config();
     let identity = peer.identity.as_str();
-    let who = crate::config::Who::now(identity, Some(peer.source));
-    let may_read = |lock: &str| config.allows(&who, lock, Action::Read);
+    let who = crate::policy::Who::new(identity, Some(peer.source), crate::clock::unix_ms() / 1000);
+    let policy = sup.policy();
+    let may_read = |lock: &str| policy.allows(&who, lock, Action::Read);
     Some(Reply::Now(match route {
         Route::Core => {
             let mut links = vec![

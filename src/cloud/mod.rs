@@ -176,8 +176,9 @@ pub fn unused_roots() -> anyhow::Result<rustls::RootCertStore> {
 impl Endpoint {
     /// Whether the peer may do `action` on `lock` now (its permissions, source and windows).
     fn may(&self, peer: &coap::Peer, lock: &str, action: crate::command::Action) -> bool {
-        let who = crate::config::Who::now(&peer.identity, Some(peer.source));
-        self.supervisor.config().allows(&who, lock, action)
+        let now = crate::clock::unix_ms() / 1000;
+        let who = crate::policy::Who::new(&peer.identity, Some(peer.source), now);
+        self.supervisor.policy().allows(&who, lock, action)
     }
 
     /// Whether the peer may know that `lock` exists: it is configured and the peer may do

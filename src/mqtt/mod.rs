@@ -22,7 +22,8 @@ use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::command::{Outcome, Report, Step};
-use crate::config::{Config, MQTT_ORIGIN, Who};
+use crate::config::Config;
+use crate::policy::{MQTT_ORIGIN, Policy, Who};
 use crate::registry::{GatewayEvent, LockView};
 use crate::supervisor::{Request, Supervisor};
 use client::{Client, EventLoop, Incoming, Message, Out};
@@ -512,7 +513,7 @@ impl Task {
 
     fn publish_lock_discovery(&mut self, config: &Config, view: &LockView) {
         let mut d = self.discovery_base(config);
-        d.open = has_pull_spring(config, &view.id) && may_pull(config, &view.id);
+        d.open = has_pull_spring(config, &view.id) && may_pull(self.supervisor.policy(), &view.id);
         let docs = payload::discovery(&d, view);
         if payload::has_door_sensor(view) {
             self.doors_announced.insert(view.id.clone());
@@ -742,9 +743,9 @@ fn has_pull_spring(config: &Config, lock: &str) -> bool {
 }
 
 /// Whether the MQTT origin may pull `lock` (Home Assistant then offers OPEN).
-fn may_pull(config: &Config, lock: &str) -> bool {
-    let who = Who::now(MQTT_ORIGIN, None);
-    config.allows(&who, lock, crate::command::Action::Pull)
+fn may_pull(policy: &Policy, lock: &str) -> bool {
+    let who = Who::new(MQTT_ORIGIN, None, crate::clock::unix_ms() / 1000);
+    policy.allows(&who, lock, crate::command::Action::Pull)
 }
 
 /// Where a command's reports go: its lock's result topic and, under MQTT 5, the response

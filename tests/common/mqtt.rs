@@ -159,8 +159,10 @@ impl Watch {
     }
 
     pub fn all(&self) -> Vec<Msg> {
-        std::fs::read_to_string(&self.path)
-            .unwrap_or_default()
+        let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+        // mosquitto_sub may be writing the last line as it is read: only whole lines count.
+        let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+        whole
             .lines()
             .filter_map(|l| {
                 let mut parts = l.splitn(4, '|');
