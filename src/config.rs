@@ -15,6 +15,35 @@ use crate::sim::wire::ListenAddr;
 pub const DEFAULT_PATH: &str = "/etc/lockbridge/lockbridge.toml";
 
 pub use crate::policy::MQTT_ORIGIN;
+
+/// A value the file writes as text, parsed as it is read: an address, a key. `""` (or the key
+/// left out) is none. The error names the key and what was expected.
+mod text {
+    use std::fmt::Display;
+    use std::str::FromStr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn deserialize<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: FromStr,
+        T::Err: Display,
+    {
+        let text = String::deserialize(d)?;
+        if text.trim().is_empty() {
+            return Ok(None);
+        }
+        text.trim()
+            .parse()
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("{text:?}: {e}")))
+    }
+
+    pub fn serialize<S: Serializer, T: Display>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&v.as_ref().map(ToString::to_string).unwrap_or_default())
+    }
+}
 use crate::policy::{Permission, Policy};
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -95,7 +124,8 @@ pub enum Transport {
 pub struct Ble {
     pub transport: Transport,
     /// For `transport = "sim"`: `unix:PATH` or `tcp:127.0.0.1:PORT`.
-    pub sim_endpoint: String,
+    #[serde(with = "text")]
+    pub sim_endpoint: Option<ListenAddr>,
     /// Simultaneous links the adapter may hold (typically 5–7).
     pub max_connections: usize,
     /// Adapter name such as `hci0`; empty = the default adapter.
@@ -108,7 +138,7 @@ impl Default for Ble {
     fn default() -> Self {
         Ble {
             transport: Transport::Ble,
-            sim_endpoint: String::new(),
+            sim_endpoint: None,
             max_connections: 5,
             adapter: String::new(),
             connect_timeout_s: 10,
@@ -282,7 +312,8 @@ impl Default for Liveness {
 #[serde(deny_unknown_fields, default)]
 pub struct Coap {
     /// UDP address for CoAP over DTLS, such as `0.0.0.0:5684`; empty = off.
-    pub listen: String,
+    #[serde(with = "text")]
+    pub listen: Option<std::net::SocketAddr>,
     pub handshake_timeout_s: u64,
     /// A peer with no traffic for this long is dropped.
     pub idle_timeout_s: u64,
@@ -309,7 +340,7 @@ pub struct Coap {
 impl Default for Coap {
     fn default() -> Self {
         Coap {
-            listen: String::new(),
+            listen: None,
             handshake_timeout_s: 20,
             idle_timeout_s: 300,
             max_peers: 4096,
@@ -330,9 +361,10 @@ impl Default for Coap {
 #[serde(deny_unknown_fields, default)]
 pub struct Mqtt {
     /// The broker, `HOST:PORT`; empty = no MQTT.
-    pub broker: String,
+    #[serde(with = "text")]
+    pub broker: Option<HostPort>,
     /// `"5"` or `"3.1.1"`.
-    pub protocol: String,
+    pub protocol: MqttProtocol,
     /// Topic root; empty = `lockbridge/<gateway.id>`.
     pub root: String,
     /// Client id; empty = `lockbridge-<gateway.id>`. Unique per hub.
@@ -368,8 +400,8 @@ pub struct Mqtt {
 impl Default for Mqtt {
     fn default() -> Self {
         Mqtt {
-            broker: String::new(),
-            protocol: "5".into(),
+            broker: None,
+            protocol: MqttProtocol::V5,
             root: String::new(),
             client_id: String::new(),
             username: None,
@@ -386,6 +418,69 @@ impl Default for Mqtt {
             home_assistant: true,
             discovery_prefix: "homeassistant".into(),
             response_prefixes: Vec::new(),
+        }
+    }
+}
+
+/// The MQTT protocol version the bridge speaks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum MqttProtocol {
+    #[default]
+    V5,
+    V311,
+}
+
+impl TryFrom<String> for MqttProtocol {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<MqttProtocol, String> {
+        match text.trim() {
+            "5" => Ok(MqttProtocol::V5),
+            "3.1.1" => Ok(MqttProtocol::V311),
+            _ => Err(format!("{text:?}: use \"5\" or \"3.1.1\"")),
+        }
+    }
+}
+
+impl From<MqttProtocol> for String {
+    fn from(p: MqttProtocol) -> String {
+        match p {
+            MqttProtocol::V5 => "5".into(),
+            MqttProtocol::V311 => "3.1.1".into(),
+        }
+    }
+}
+
+/// `HOST:PORT`, the host a name or an address (`[::1]:1883` for IPv6).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::str::FromStr for HostPort {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<HostPort, String> {
+        text.rsplit_once(':')
+            .and_then(|(h, p)| {
+                let host = h.trim_matches(['[', ']']);
+                Some(HostPort {
+                    host: (!host.is_empty()).then(|| host.to_string())?,
+                    port: p.parse().ok()?,
+                })
+            })
+            .ok_or_else(|| "not HOST:PORT".to_string())
+    }
+}
+
+impl std::fmt::Display for HostPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
         }
     }
 }
@@ -525,8 +620,8 @@ pub struct LockEntry {
     pub device_id: Option<u32>,
     /// The lock's long-term public key (base64 of the 65-byte point). Optional with the
     /// `tedee` provider, which gets it from the cloud; set, it pins the key.
-    #[serde(default)]
-    pub public_key: String,
+    #[serde(default, with = "text", skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<crate::keys::PublicKeyB64>,
     #[serde(default = "persistent")]
     pub link: LinkPolicy,
     /// Persistent: GET_STATE this often to keep the link warm.
@@ -679,11 +774,11 @@ impl Config {
         if self.gateway.id.trim().is_empty() {
             return Err(err("gateway.id".into(), "must not be empty".into()));
         }
-        if self.ble.transport == Transport::Sim {
-            self.ble
-                .sim_endpoint
-                .parse::<ListenAddr>()
-                .map_err(|e| err("ble.sim_endpoint".into(), e))?;
+        if self.ble.transport == Transport::Sim && self.ble.sim_endpoint.is_none() {
+            return Err(err(
+                "ble.sim_endpoint".into(),
+                "required with transport = \"sim\": unix:PATH or tcp:127.0.0.1:PORT".into(),
+            ));
         }
         if self.ble.max_connections == 0 {
             return Err(err(
@@ -758,9 +853,11 @@ impl Config {
                 return Err(err(key("serial"), format!("{} appears twice", l.serial)));
             }
             // Under `tedee` the cloud supplies the lock's key; one set here pins it.
-            if !(l.public_key.is_empty() && self.credentials.provider == Provider::Tedee) {
-                crate::keys::parse_public_b64(&l.public_key)
-                    .map_err(|e| err(key("public_key"), e.to_string()))?;
+            if l.public_key.is_none() && self.credentials.provider != Provider::Tedee {
+                return Err(err(
+                    key("public_key"),
+                    "required (base64 of the lock's 65-byte public key) unless credentials.provider = \"tedee\"".into(),
+                ));
             }
             if self.credentials.provider == Provider::Authority && l.device_id.is_none() {
                 return Err(err(
@@ -774,17 +871,6 @@ impl Config {
                     "timers must be at least 1 s".into(),
                 ));
             }
-        }
-        if !self.coap.listen.is_empty() {
-            self.coap
-                .listen
-                .parse::<std::net::SocketAddr>()
-                .map_err(|_| {
-                    err(
-                        "coap.listen".into(),
-                        format!("{:?} is not HOST:PORT", self.coap.listen),
-                    )
-                })?;
         }
         for (key, value) in [
             ("coap.max_peers", self.coap.max_peers),
@@ -843,24 +929,8 @@ impl Config {
                 ClientAuth::CertificateCn(_) | ClientAuth::PinnedKey(_) => {}
             }
         }
-        if !self.mqtt.broker.is_empty() {
+        if self.mqtt.broker.is_some() {
             let m = &self.mqtt;
-            let host_port = m
-                .broker
-                .rsplit_once(':')
-                .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
-            if host_port.is_none() {
-                return Err(err(
-                    "mqtt.broker".into(),
-                    format!("{:?} is not HOST:PORT", m.broker),
-                ));
-            }
-            if m.protocol != "5" && m.protocol != "3.1.1" {
-                return Err(err(
-                    "mqtt.protocol".into(),
-                    format!("{:?}: use \"5\" or \"3.1.1\"", m.protocol),
-                ));
-            }
             if self.mqtt.root.is_empty() {
                 // The root is lockbridge/<gateway.id>: the id is one topic level.
                 check_topic(&self.gateway.id)
@@ -975,7 +1045,16 @@ impl Config {
 }
 
 fn from_config_error(name: &str, e: config::ConfigError) -> ConfigError {
-    let text = e.to_string();
+    // It writes a key inside an array without its dot (`locks[0]public_key`): put it back.
+    let mut text = String::new();
+    let raw = e.to_string();
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        text.push(c);
+        if c == ']' && chars.peek().is_some_and(|n| n.is_ascii_alphabetic()) {
+            text.push('.');
+        }
+    }
     // The config crate says "… for key `a.b`" or "… in `a.b`"; pull the key out when it does.
     let key = text
         .split('`')
@@ -1107,5 +1186,47 @@ actions = ["read"]
         let new = Config::load_with_env(&path, []).unwrap();
         assert!(mqtt(&new.policy(), Action::Lock) && !mqtt(&new.policy(), Action::Unlock));
         assert!(new.deprecations().is_empty());
+    }
+
+    #[test]
+    fn addresses_and_the_mqtt_protocol_are_typed_when_read_and_name_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let load = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            Config::load_with_env(&path, [])
+        };
+        let c = load("[coap]\nlisten = \"127.0.0.1:5684\"\n[mqtt]\nbroker = \"[::1]:1883\"\nprotocol = \"3.1.1\"\n")
+            .unwrap();
+        assert_eq!(c.coap.listen, Some("127.0.0.1:5684".parse().unwrap()));
+        let broker = c.mqtt.broker.clone().unwrap();
+        assert_eq!((broker.host.as_str(), broker.port), ("::1", 1883));
+        assert_eq!(broker.to_string(), "[::1]:1883");
+        assert_eq!(c.mqtt.protocol, MqttProtocol::V311);
+        // Empty is off, as it always was.
+        let off = load("[coap]\nlisten = \"\"\n[mqtt]\nbroker = \"\"\n").unwrap();
+        assert!(off.coap.listen.is_none() && off.mqtt.broker.is_none());
+        for (text, key) in [
+            ("[coap]\nlisten = \"nowhere\"\n", "coap.listen"),
+            ("[mqtt]\nbroker = \"host\"\n", "mqtt.broker"),
+            (
+                "[mqtt]\nbroker = \"h:1\"\nprotocol = \"4\"\n",
+                "mqtt.protocol",
+            ),
+            (
+                "[ble]\ntransport = \"sim\"\nsim_endpoint = \"udp:x\"\n",
+                "ble.sim_endpoint",
+            ),
+        ] {
+            let e = load(text).unwrap_err().to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+        // The environment overrides a typed value too (a number becomes the version).
+        std::fs::write(&path, "[mqtt]\nbroker = \"h:1\"\n").unwrap();
+        let env = [("LOCKBRIDGE_MQTT__PROTOCOL".to_string(), "5".to_string())];
+        assert_eq!(
+            Config::load_with_env(&path, env).unwrap().mqtt.protocol,
+            MqttProtocol::V5
+        );
     }
 }

@@ -55,8 +55,8 @@ pub async fn start(config: Config) -> anyhow::Result<Daemon> {
             let addr = config
                 .ble
                 .sim_endpoint
-                .parse()
-                .map_err(|e: String| anyhow::anyhow!("ble.sim_endpoint: {e}"))?;
+                .clone()
+                .context("ble.sim_endpoint: required with transport = \"sim\"")?;
             Arc::new(Supervisor::start(
                 config.clone(),
                 gateway_key,

@@ -166,6 +166,24 @@ pub fn public_b64(key: &VerifyingKey) -> String {
     B64.encode(encode_point(&p256::PublicKey::from(key)))
 }
 
+/// A P-256 public key as the configuration writes it: base64 of the 65-byte uncompressed point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PublicKeyB64(pub VerifyingKey);
+
+impl std::str::FromStr for PublicKeyB64 {
+    type Err = KeyError;
+
+    fn from_str(text: &str) -> Result<PublicKeyB64, KeyError> {
+        parse_public_b64(text).map(PublicKeyB64)
+    }
+}
+
+impl std::fmt::Display for PublicKeyB64 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&public_b64(&self.0))
+    }
+}
+
 pub fn parse_public_b64(text: &str) -> Result<VerifyingKey, KeyError> {
     let bytes = B64
         .decode(text.trim())

@@ -107,16 +107,8 @@ impl Supervisor {
         let mut heartbeats = HashMap::new();
         let mut queued = HashMap::new();
         for entry in &config.locks {
-            // Empty only under a provider that supplies the key (config validation).
-            let lock_key = match crate::keys::parse_public_b64(&entry.public_key) {
-                Ok(k) => Some(k),
-                Err(_) if entry.public_key.is_empty() => None,
-                Err(e) => {
-                    // Config validation makes this unreachable; report rather than panic.
-                    log::error!("lock {}: {e}", entry.id);
-                    continue;
-                }
-            };
+            // None only under a provider that supplies the key.
+            let lock_key = entry.public_key.map(|k| k.0);
             let (tx, rx) = mpsc::channel(config.commands.queue_depth);
             let heartbeat = Arc::new(AtomicU64::new(unix_ms()));
             let queue = Arc::new(std::sync::Mutex::new(tx));

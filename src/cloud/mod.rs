@@ -270,9 +270,9 @@ pub async fn start(
     config: &Config,
     supervisor: Arc<Supervisor>,
 ) -> anyhow::Result<Option<Started>> {
-    if config.coap.listen.is_empty() {
+    let Some(listen) = config.coap.listen else {
         return Ok(None);
-    }
+    };
     let psks = Arc::new(Psks::from_config(config)?);
     let clients = Arc::new(certs::ClientCerts::from_config(config)?);
     let certs = match (&config.coap.certificate, &config.coap.private_key) {
@@ -287,9 +287,9 @@ pub async fn start(
         }
         _ => None,
     };
-    let socket = UdpSocket::bind(&config.coap.listen)
+    let socket = UdpSocket::bind(listen)
         .await
-        .with_context(|| format!("coap.listen {}", config.coap.listen))?;
+        .with_context(|| format!("coap.listen {listen}"))?;
     let addr = socket.local_addr()?;
     let endpoint = Arc::new(Endpoint {
         supervisor,

@@ -95,9 +95,9 @@ pub fn start(
     supervisor: Arc<Supervisor>,
     dtls_peers: Option<Arc<crate::cloud::dtls::Stats>>,
 ) -> anyhow::Result<Option<Bridge>> {
-    if config.mqtt.broker.is_empty() {
+    let Some(broker) = config.mqtt.broker.clone() else {
         return Ok(None);
-    }
+    };
     let root = config.mqtt_root();
     let topics = Topics::new(
         &root,
@@ -127,7 +127,7 @@ pub fn start(
             run_bridge(shared.clone(), eventloop)
         },
     );
-    log::info!("mqtt: bridging to {} under {root}", config.mqtt.broker);
+    log::info!("mqtt: bridging to {broker} under {root}");
     Ok(Some(Bridge {
         current,
         stopping,
@@ -174,7 +174,12 @@ async fn run_bridge(shared: Shared, eventloop: Option<EventLoop>) {
         tx,
         backoff,
         shared.reconnects.clone(),
-        config.mqtt.broker.clone(),
+        config
+            .mqtt
+            .broker
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
         shared.stopping.clone(),
     ));
     let _driver = crate::tasks::AbortOnDrop(driver.abort_handle());
@@ -269,11 +274,8 @@ impl Topics {
 /// last will `offline` on the status topic and a clean session.
 fn connection(config: &Config, topics: &Topics) -> anyhow::Result<(Client, EventLoop)> {
     let m = &config.mqtt;
-    let (host, port) = m
-        .broker
-        .rsplit_once(':')
-        .and_then(|(h, p)| Some((h.trim_matches(['[', ']']).to_string(), p.parse().ok()?)))
-        .context("mqtt.broker is not HOST:PORT")?;
+    let crate::config::HostPort { host, port } =
+        m.broker.clone().context("mqtt.broker is not set")?;
     // User name and password (empty without a password file).
     let credentials = match (&m.username, &m.password_file) {
         (Some(user), Some(f)) => {
@@ -297,7 +299,7 @@ fn connection(config: &Config, topics: &Topics) -> anyhow::Result<(Client, Event
     let mut network = rumqttc::NetworkOptions::new();
     network.set_tcp_nodelay(true);
     const QUEUE: usize = 1024;
-    if m.protocol == "3.1.1" {
+    if m.protocol == crate::config::MqttProtocol::V311 {
         let mut o = rumqttc::MqttOptions::new(config.mqtt_client_id(), host, port);
         // MQTT 3.1.1 cannot tell the broker a limit: anything larger than this ends the
         // connection, so it is large (rumqttc's default of 10 KiB let any big publish to a

@@ -125,10 +125,7 @@ impl TedeeProvider {
             let mut creds = LockCreds {
                 id: entry.id.clone(),
                 device_id: entry.device_id,
-                pinned: (!entry.public_key.is_empty())
-                    .then(|| crate::keys::parse_public_b64(&entry.public_key).ok())
-                    .flatten()
-                    .map(|k| super::api::point(&k)),
+                pinned: entry.public_key.map(|k| super::api::point(&k.0)),
                 ..LockCreds::default()
             };
             // A cached certificate is used only for the registration it was fetched under.
