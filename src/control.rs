@@ -348,3 +348,155 @@ impl ControlClient {
         }
     }
 }
+
+/// What `lockbridge local` asks the daemon.
+pub enum LocalAsk {
+    Locks,
+    Gateway,
+    Watch,
+    State {
+        lock: String,
+    },
+    /// A [`Request::Command`].
+    Command(Request),
+}
+
+/// `lockbridge local`: ask the running daemon over its control socket, print the answer
+/// (`--json`: as it came). `Err` when a command did not succeed.
+pub async fn local(
+    socket: &Path,
+    json: bool,
+    what: LocalAsk,
+    out: &mut dyn std::io::Write,
+) -> anyhow::Result<()> {
+    let mut client = ControlClient::connect(socket).await?;
+    let request = match what {
+        LocalAsk::Watch => {
+            client.request(&Request::Watch).await?;
+            loop {
+                let v = client.line().await?;
+                if json {
+                    writeln!(out, "{v}")?;
+                } else {
+                    writeln!(
+                        out,
+                        "{:<16} {:<15} {}",
+                        v["id"].as_str().unwrap_or("?"),
+                        v["status"].as_str().unwrap_or("?"),
+                        v["state"].as_str().unwrap_or("unknown")
+                    )?;
+                }
+                out.flush()?;
+            }
+        }
+        LocalAsk::Gateway => {
+            client.request(&Request::Gateway).await?;
+            let v = client.line().await?;
+            if json {
+                writeln!(out, "{v}")?;
+            } else {
+                writeln!(
+                    out,
+                    "gateway {} (lockbridge {}): {} of {} locks connected",
+                    v["id"].as_str().unwrap_or("?"),
+                    v["version"].as_str().unwrap_or("?"),
+                    v["sessions"],
+                    v["locks"]
+                )?;
+                let t = &v["tedee"];
+                if !t.is_null() {
+                    writeln!(
+                        out,
+                        "tedee: mobile {}, {} request(s) in the last hour{}{}",
+                        t["mobile_id"].as_str().unwrap_or("not registered"),
+                        t["requests_last_hour"],
+                        t["paused_until"]
+                            .as_u64()
+                            .map(|ms| format!(
+                                ", paused until {}",
+                                crate::tedee::store::rfc3339(ms)
+                            ))
+                            .unwrap_or_default(),
+                        t["last_error"]
+                            .as_str()
+                            .map(|e| format!("\n  last error: {e}"))
+                            .unwrap_or_default()
+                    )?;
+                }
+            }
+            return Ok(());
+        }
+        LocalAsk::Locks | LocalAsk::State { .. } => {
+            let req = match what {
+                LocalAsk::State { lock } => Request::State { lock },
+                LocalAsk::Locks | LocalAsk::Watch | LocalAsk::Gateway | LocalAsk::Command(_) => {
+                    Request::Locks
+                }
+            };
+            client.request(&req).await?;
+            let v = client.line().await?;
+            if let Some(e) = v.get("error") {
+                anyhow::bail!("{}", e.as_str().unwrap_or("error"));
+            }
+            if json {
+                writeln!(out, "{v}")?;
+            } else {
+                let list = v.as_array().cloned().unwrap_or_else(|| vec![v.clone()]);
+                for l in list {
+                    writeln!(
+                        out,
+                        "{}  {}",
+                        lock_line(&l),
+                        l["last_error"].as_str().unwrap_or("")
+                    )?;
+                }
+            }
+            return Ok(());
+        }
+        LocalAsk::Command(request) => request,
+    };
+    let reports = client.command(&request).await?;
+    let mut success = false;
+    for r in &reports {
+        if json {
+            writeln!(out, "{}", serde_json::to_string(r)?)?;
+        } else {
+            match r.outcome() {
+                None => writeln!(out, "{} {} {}: {:?}", r.action, r.lock, r.id, r.step)?,
+                Some(o) => writeln!(
+                    out,
+                    "{} {} {}: {}{}",
+                    r.action,
+                    r.lock,
+                    r.id,
+                    serde_json::to_string(o)?,
+                    if r.repeated { " (remembered)" } else { "" }
+                )?,
+            }
+        }
+        success |= matches!(r.outcome(), Some(crate::command::Outcome::Success { .. }));
+    }
+    if !success {
+        anyhow::bail!("the command did not succeed");
+    }
+    Ok(())
+}
+
+/// One lock's view on one line: id, status, state, battery (and the door, when it has a sensor).
+pub fn lock_line(v: &serde_json::Value) -> String {
+    let mut line = format!(
+        "{:<16} {:<15} {:<18} battery {:>4}",
+        v["id"].as_str().unwrap_or("?"),
+        v["status"].as_str().unwrap_or("?"),
+        v["state"].as_str().unwrap_or("unknown"),
+        v["battery"]
+            .as_u64()
+            .map(|b| format!("{b}%"))
+            .unwrap_or_else(|| "?".into())
+    );
+    // Only locks with a door sensor say where the door is.
+    if let Some(door) = v["door"].as_str().filter(|d| *d != "unknown") {
+        line.push_str(&format!("  door {door}"));
+    }
+    line
+}

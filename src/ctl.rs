@@ -345,6 +345,120 @@ fn uint_bytes(v: u32) -> Vec<u8> {
     bytes[skip..].to_vec()
 }
 
+/// What `lockbridge ctl` asks the endpoint.
+pub enum Ask {
+    Locks,
+    Gateway,
+    /// One lock's state; `watch` follows it (CoAP Observe).
+    State {
+        lock: String,
+        watch: bool,
+    },
+    /// Lock, unlock or pull; `id` is the request id (a repeat never actuates twice).
+    Command {
+        action: crate::command::Action,
+        lock: String,
+        mode: Option<crate::command::Mode>,
+        id: Option<String>,
+    },
+}
+
+/// `lockbridge ctl --config FILE`: ask the endpoint, print the answer (`--json`: as it came).
+/// `Err` when the request or the command did not succeed.
+pub async fn run(
+    config: &Path,
+    json: bool,
+    what: Ask,
+    out: &mut dyn std::io::Write,
+) -> anyhow::Result<()> {
+    let (cfg, credentials) = CtlConfig::load(config)?;
+    let mut client = CoapClient::connect(cfg.endpoint, &credentials).await?;
+    let show = |out: &mut dyn std::io::Write, body: &[u8]| -> anyhow::Result<serde_json::Value> {
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
+        if json {
+            writeln!(out, "{}", String::from_utf8_lossy(body))?;
+        }
+        Ok(v)
+    };
+    let line = crate::control::lock_line;
+    let result = match what {
+        Ask::Locks | Ask::Gateway | Ask::State { watch: false, .. } => {
+            let path = match &what {
+                Ask::State { lock, .. } => format!("/locks/{lock}"),
+                Ask::Gateway => "/gateway".to_string(),
+                Ask::Locks | Ask::Command { .. } => "/locks".to_string(),
+            };
+            let (code, body) = client.request(RequestType::Get, &path, &[]).await?;
+            if !code.starts_with("2.") {
+                anyhow::bail!("{code} {}", String::from_utf8_lossy(&body));
+            }
+            let v = show(out, &body)?;
+            if !json {
+                match v.as_array() {
+                    Some(list) => {
+                        for l in list {
+                            writeln!(out, "{}", line(l))?;
+                        }
+                    }
+                    None if matches!(what, Ask::Gateway) => writeln!(out, "{v:#}")?,
+                    None => writeln!(out, "{}", line(&v))?,
+                }
+            }
+            Ok(())
+        }
+        Ask::State { lock, watch: true } => {
+            let path = format!("/locks/{lock}");
+            client
+                .observe(&path, |body| {
+                    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+                    let text = if json {
+                        String::from_utf8_lossy(body).into_owned()
+                    } else {
+                        line(&v)
+                    };
+                    writeln!(out, "{text}").is_ok() && out.flush().is_ok()
+                })
+                .await
+        }
+        Ask::Command {
+            action,
+            lock,
+            mode,
+            id,
+        } => {
+            let action = action.name();
+            let mut body = serde_json::Map::new();
+            if let Some(m) = mode {
+                body.insert("mode".into(), serde_json::to_value(m)?);
+            }
+            if let Some(id) = &id {
+                body.insert("request_id".into(), id.clone().into());
+            }
+            let payload = if body.is_empty() {
+                Vec::new()
+            } else {
+                serde_json::to_vec(&body)?
+            };
+            let path = format!("/locks/{lock}/{action}");
+            let (code, resp) = client.request(RequestType::Post, &path, &payload).await?;
+            let v = show(out, &resp)?;
+            if !json {
+                writeln!(
+                    out,
+                    "{action} {lock}: {code} {}",
+                    String::from_utf8_lossy(&resp)
+                )?;
+            }
+            if v["status"] != "success" {
+                anyhow::bail!("the command did not succeed ({code})");
+            }
+            Ok(())
+        }
+    };
+    client.close().await;
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

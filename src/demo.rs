@@ -340,7 +340,8 @@ pub async fn run(
         .iter()
         .map(|l| (l.id.clone(), l.link))
         .collect();
-    let daemon = crate::daemon::start(config).await?;
+    let gateway_key = crate::keys::load(&config.key_path()).context("gateway key")?;
+    let daemon = crate::daemon::start(config, gateway_key).await?;
     let sup = daemon.supervisor.clone();
     writeln!(
         out,

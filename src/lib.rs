@@ -58,7 +58,8 @@
 //!   commands in with results on `<root>/locks/<lock>/result`, Home Assistant discovery;
 //!   [`mqtt::client`] hides the protocol version and reconnects with backoff.
 //! - [`ctl`] — `lockbridge ctl`, the CoAP-over-DTLS client.
-//! - [`daemon`] — `lockbridge run`; [`control`] — the local control socket; [`tasks`] —
+//! - [`daemon`] — `lockbridge run`: one cancellation token and one task set for everything it
+//!   starts; [`control`] — the local control socket; [`tasks`] —
 //!   front-end tasks restarted when they panic; [`systemd`] — sd_notify and the watchdog;
 //!   [`telemetry`] — logging; [`demo`] — `lockbridge demo`.
 

@@ -1,4 +1,7 @@
-//! The `lockbridge` command: one binary, one subcommand per job.
+//! The `lockbridge` command: one binary, one subcommand per job. This file is the command line
+//! (clap) and its dispatch; what each subcommand does lives in the library.
+
+#![cfg_attr(not(test), warn(clippy::wildcard_enum_match_arm))]
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -287,15 +290,17 @@ enum AuthorityCommand {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match &cli.command {
-        Command::Run { config } => return run_daemon(config),
-        Command::CheckConfig { config } => return check_config(config),
-        _ => {}
+    if let Command::Run { config } = &cli.command {
+        return run_daemon(config);
+    }
+    if let Command::CheckConfig { config } = &cli.command {
+        return check_config(config);
     }
     // The demo prints its own story; only warnings and errors go to stderr by default.
-    match &cli.command {
-        Command::Demo { .. } => lockbridge::telemetry::init_stderr_at("warn"),
-        _ => lockbridge::telemetry::init_stderr(),
+    if matches!(cli.command, Command::Demo { .. }) {
+        lockbridge::telemetry::init_stderr_at("warn");
+    } else {
+        lockbridge::telemetry::init_stderr();
     }
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -316,11 +321,14 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// What `run` checks before it starts anything, and `check-config` checks alone: the
 /// configuration and the gateway key. Either failing is exit 78 (EX_CONFIG), which the unit
 /// does not restart into.
-fn checked_config(path: &std::path::Path) -> anyhow::Result<lockbridge::config::Config> {
+/// The configuration and the gateway key it names, loaded once: either wrong is EX_CONFIG.
+fn checked_config(
+    path: &std::path::Path,
+) -> anyhow::Result<(lockbridge::config::Config, p256::ecdsa::SigningKey)> {
     let config = lockbridge::config::Config::load(path)?;
     let key_path = config.key_path();
-    keys::load(&key_path).map_err(|e| anyhow::anyhow!("gateway key {e}"))?;
-    Ok(config)
+    let key = keys::load(&key_path).map_err(|e| anyhow::anyhow!("gateway key {e}"))?;
+    Ok((config, key))
 }
 
 fn config_error(e: anyhow::Error) -> std::process::ExitCode {
@@ -331,7 +339,7 @@ fn config_error(e: anyhow::Error) -> std::process::ExitCode {
 /// `lockbridge check-config`: one line saying what was checked, or the reason and exit 78.
 fn check_config(path: &std::path::Path) -> std::process::ExitCode {
     let c = match checked_config(path) {
-        Ok(c) => c,
+        Ok((c, _key)) => c,
         Err(e) => return config_error(e),
     };
     let line = format!(
@@ -353,18 +361,17 @@ fn check_config(path: &std::path::Path) -> std::process::ExitCode {
 
 /// `lockbridge run`: configuration and key errors exit with EX_CONFIG before anything starts.
 fn run_daemon(path: &std::path::Path) -> std::process::ExitCode {
-    let config = match checked_config(path) {
-        Ok(c) => c,
+    let (config, gateway_key) = match checked_config(path) {
+        Ok(loaded) => loaded,
         Err(e) => return config_error(e),
     };
     lockbridge::telemetry::init_daemon(&config.log.level);
     let result = runtime().and_then(|rt| {
-        rt.block_on(async {
-            let daemon = lockbridge::daemon::start(config).await?;
-            shutdown_signal().await;
-            daemon.stop().await;
-            anyhow::Ok(())
-        })
+        rt.block_on(lockbridge::daemon::run(
+            config,
+            gateway_key,
+            lockbridge::daemon::shutdown_signal(),
+        ))
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -389,11 +396,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ctl { config, json, what } => {
-            runtime()?.block_on(ctl(&config, json, what, &mut out))
+            runtime()?.block_on(lockbridge::ctl::run(&config, json, what.into(), &mut out))
         }
-        Command::Local { socket, json, what } => {
-            runtime()?.block_on(local(&socket, json, what, &mut out))
-        }
+        Command::Local { socket, json, what } => runtime()?.block_on(lockbridge::control::local(
+            &socket,
+            json,
+            what.into(),
+            &mut out,
+        )),
         Command::Demo {
             dir,
             locks,
@@ -416,7 +426,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     mqtt,
                 },
                 &mut out,
-                shutdown_signal(),
+                lockbridge::daemon::shutdown_signal(),
             ))
         }
         Command::Sim {
@@ -447,7 +457,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         world.locks.len(),
                         listener.local_addr()?
                     );
-                    lockbridge::sim::serve::serve(world, listener, shutdown_signal()).await?;
+                    lockbridge::sim::serve::serve(world, listener, lockbridge::daemon::shutdown_signal()).await?;
                 } else {
                     let adapters: Vec<String> = match s.adapter {
                         Some(list) => list.split(',').map(|a| a.trim().to_string()).collect(),
@@ -458,7 +468,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             "sim: [faults] and [chaos] act on the sim socket only; over BLE they are ignored"
                         );
                     }
-                    lockbridge::sim::ble::serve_ble(world, &adapters, shutdown_signal()).await?;
+                    lockbridge::sim::ble::serve_ble(world, &adapters, lockbridge::daemon::shutdown_signal()).await?;
                 }
                 log::info!("sim: stopped");
                 anyhow::Ok(())
@@ -478,14 +488,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None if default.exists() => Some(lockbridge::config::Config::load(&default)?),
                 None => None,
             };
-            runtime()?.block_on(scan(config, seconds, json, &mut out))
+            runtime()?.block_on(lockbridge::link::ble::scan_report(
+                config, seconds, json, &mut out,
+            ))
         }
         Command::Tedee {
             config,
             what: TedeeCommand::Fetch { locks, json },
         } => {
             let config = lockbridge::config::Config::load(&config)?;
-            runtime()?.block_on(tedee_fetch(&config.control.socket, locks, json, &mut out))
+            runtime()?.block_on(lockbridge::tedee::cli::fetch(
+                &config.control.socket,
+                locks,
+                json,
+                &mut out,
+            ))
         }
         Command::Tedee { config, what } => {
             let config = lockbridge::config::Config::load(&config)?;
@@ -569,399 +586,49 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// One lock's view as a line of text, for `local` and `ctl`.
-fn lock_line(v: &serde_json::Value) -> String {
-    let mut line = format!(
-        "{:<16} {:<15} {:<18} battery {:>4}",
-        v["id"].as_str().unwrap_or("?"),
-        v["status"].as_str().unwrap_or("?"),
-        v["state"].as_str().unwrap_or("unknown"),
-        v["battery"]
-            .as_u64()
-            .map(|b| format!("{b}%"))
-            .unwrap_or_else(|| "?".into())
-    );
-    // Only locks with a door sensor say where the door is.
-    if let Some(door) = v["door"].as_str().filter(|d| *d != "unknown") {
-        line.push_str(&format!("  door {door}"));
-    }
-    line
-}
-
-async fn ctl(
-    config: &std::path::Path,
-    json: bool,
-    what: CtlCommand,
-    out: &mut dyn Write,
-) -> anyhow::Result<()> {
-    use coap_lite::RequestType;
-    let (cfg, credentials) = lockbridge::ctl::CtlConfig::load(config)?;
-    let mut client = lockbridge::ctl::CoapClient::connect(cfg.endpoint, &credentials).await?;
-    let show = |out: &mut dyn Write, body: &[u8]| -> anyhow::Result<serde_json::Value> {
-        let v: serde_json::Value = serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
-        if json {
-            writeln!(out, "{}", String::from_utf8_lossy(body))?;
-        }
-        Ok(v)
-    };
-    let line = lock_line;
-    let result = match what {
-        CtlCommand::Locks | CtlCommand::Gateway | CtlCommand::State { watch: false, .. } => {
-            let path = match &what {
-                CtlCommand::Locks => "/locks".to_string(),
-                CtlCommand::Gateway => "/gateway".to_string(),
-                CtlCommand::State { lock, .. } => format!("/locks/{lock}"),
-                _ => unreachable!("matched above"),
-            };
-            let (code, body) = client.request(RequestType::Get, &path, &[]).await?;
-            if !code.starts_with("2.") {
-                anyhow::bail!("{code} {}", String::from_utf8_lossy(&body));
-            }
-            let v = show(out, &body)?;
-            if !json {
-                match v.as_array() {
-                    Some(list) => {
-                        for l in list {
-                            writeln!(out, "{}", line(l))?;
-                        }
-                    }
-                    None if matches!(what, CtlCommand::Gateway) => writeln!(out, "{v:#}")?,
-                    None => writeln!(out, "{}", line(&v))?,
-                }
-            }
-            Ok(())
-        }
-        CtlCommand::State { lock, watch: true } => {
-            let path = format!("/locks/{lock}");
-            client
-                .observe(&path, |body| {
-                    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-                    let text = if json {
-                        String::from_utf8_lossy(body).into_owned()
-                    } else {
-                        line(&v)
-                    };
-                    writeln!(out, "{text}").is_ok() && out.flush().is_ok()
-                })
-                .await
-        }
-        CtlCommand::Lock(_) | CtlCommand::Unlock(_) | CtlCommand::Pull(_) => {
-            let (action, a) = match what {
-                CtlCommand::Lock(a) => ("lock", a),
-                CtlCommand::Unlock(a) => ("unlock", a),
-                CtlCommand::Pull(a) => ("pull", a),
-                _ => unreachable!("matched above"),
-            };
-            let mut body = serde_json::Map::new();
-            if let Some(m) = a.mode {
-                body.insert("mode".into(), serde_json::to_value(m)?);
-            }
-            if let Some(id) = &a.id {
-                body.insert("request_id".into(), id.clone().into());
-            }
-            let payload = if body.is_empty() {
-                Vec::new()
-            } else {
-                serde_json::to_vec(&body)?
-            };
-            let path = format!("/locks/{}/{action}", a.lock);
-            let (code, resp) = client.request(RequestType::Post, &path, &payload).await?;
-            let v = show(out, &resp)?;
-            if !json {
-                writeln!(
-                    out,
-                    "{action} {}: {code} {}",
-                    a.lock,
-                    String::from_utf8_lossy(&resp)
-                )?;
-            }
-            if v["status"] != "success" {
-                anyhow::bail!("the command did not succeed ({code})");
-            }
-            Ok(())
-        }
-    };
-    client.close().await;
-    result
-}
-
-async fn local(
-    socket: &std::path::Path,
-    json: bool,
-    what: LocalCommand,
-    out: &mut dyn Write,
-) -> anyhow::Result<()> {
-    use lockbridge::control::{ControlClient, Request};
-    let mut client = ControlClient::connect(socket).await?;
-    let (action, a) = match what {
-        LocalCommand::Watch => {
-            client.request(&Request::Watch).await?;
-            loop {
-                let v = client.line().await?;
-                if json {
-                    writeln!(out, "{v}")?;
-                } else {
-                    writeln!(
-                        out,
-                        "{:<16} {:<15} {}",
-                        v["id"].as_str().unwrap_or("?"),
-                        v["status"].as_str().unwrap_or("?"),
-                        v["state"].as_str().unwrap_or("unknown")
-                    )?;
-                }
-                out.flush()?;
-            }
-        }
-        LocalCommand::Gateway => {
-            client.request(&Request::Gateway).await?;
-            let v = client.line().await?;
-            if json {
-                writeln!(out, "{v}")?;
-            } else {
-                writeln!(
-                    out,
-                    "gateway {} (lockbridge {}): {} of {} locks connected",
-                    v["id"].as_str().unwrap_or("?"),
-                    v["version"].as_str().unwrap_or("?"),
-                    v["sessions"],
-                    v["locks"]
-                )?;
-                let t = &v["tedee"];
-                if !t.is_null() {
-                    writeln!(
-                        out,
-                        "tedee: mobile {}, {} request(s) in the last hour{}{}",
-                        t["mobile_id"].as_str().unwrap_or("not registered"),
-                        t["requests_last_hour"],
-                        t["paused_until"]
-                            .as_u64()
-                            .map(|ms| format!(
-                                ", paused until {}",
-                                lockbridge::tedee::store::rfc3339(ms)
-                            ))
-                            .unwrap_or_default(),
-                        t["last_error"]
-                            .as_str()
-                            .map(|e| format!("\n  last error: {e}"))
-                            .unwrap_or_default()
-                    )?;
-                }
-            }
-            return Ok(());
-        }
-        LocalCommand::Locks | LocalCommand::State { .. } => {
-            let req = match what {
-                LocalCommand::State { lock } => Request::State { lock },
-                _ => Request::Locks,
-            };
-            client.request(&req).await?;
-            let v = client.line().await?;
-            if let Some(e) = v.get("error") {
-                anyhow::bail!("{}", e.as_str().unwrap_or("error"));
-            }
-            if json {
-                writeln!(out, "{v}")?;
-            } else {
-                let list = v.as_array().cloned().unwrap_or_else(|| vec![v.clone()]);
-                for l in list {
-                    writeln!(
-                        out,
-                        "{}  {}",
-                        lock_line(&l),
-                        l["last_error"].as_str().unwrap_or("")
-                    )?;
-                }
-            }
-            return Ok(());
-        }
-        LocalCommand::Lock(a) => (lockbridge::command::Action::Lock, a),
-        LocalCommand::Unlock(a) => (lockbridge::command::Action::Unlock, a),
-        LocalCommand::Pull(a) => (lockbridge::command::Action::Pull, a),
-    };
-    let reports = client
-        .command(&Request::Command {
-            lock: a.lock,
+/// The clap definitions become the library's requests.
+impl From<CtlCommand> for lockbridge::ctl::Ask {
+    fn from(c: CtlCommand) -> Self {
+        use lockbridge::command::Action;
+        use lockbridge::ctl::Ask;
+        let command = |action, a: CtlAction| Ask::Command {
             action,
+            lock: a.lock,
             mode: a.mode,
             id: a.id,
-            ttl_s: a.ttl,
-        })
-        .await?;
-    let mut success = false;
-    for r in &reports {
-        if json {
-            writeln!(out, "{}", serde_json::to_string(r)?)?;
-        } else {
-            match r.outcome() {
-                None => writeln!(out, "{} {} {}: {:?}", r.action, r.lock, r.id, r.step)?,
-                Some(o) => writeln!(
-                    out,
-                    "{} {} {}: {}{}",
-                    r.action,
-                    r.lock,
-                    r.id,
-                    serde_json::to_string(o)?,
-                    if r.repeated { " (remembered)" } else { "" }
-                )?,
-            }
-        }
-        success |= matches!(
-            r.outcome(),
-            Some(lockbridge::command::Outcome::Success { .. })
-        );
-    }
-    if !success {
-        anyhow::bail!("the command did not succeed");
-    }
-    Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-}
-
-/// `tedee fetch`: the running daemon fetches (it owns the cloud budget and the sessions).
-async fn tedee_fetch(
-    socket: &std::path::Path,
-    locks: Vec<String>,
-    json: bool,
-    out: &mut dyn Write,
-) -> anyhow::Result<()> {
-    use lockbridge::control::{ControlClient, Request};
-    let mut client = ControlClient::connect(socket).await?;
-    client.request(&Request::TedeeFetch { locks }).await?;
-    let v = client.line().await?;
-    if let Some(e) = v.get("error") {
-        anyhow::bail!("{}", e.as_str().unwrap_or("error"));
-    }
-    let list = v["locks"].as_array().cloned().unwrap_or_default();
-    if json {
-        writeln!(out, "{v}")?;
-    } else {
-        for l in &list {
-            let lock = l["lock"].as_str().unwrap_or("?");
-            match l["error"].as_str() {
-                None => writeln!(
-                    out,
-                    "{lock}: certificate fetched (expires {}); a parked session tries again",
-                    l["cert_expires"]
-                        .as_u64()
-                        .map(lockbridge::tedee::store::rfc3339)
-                        .unwrap_or_else(|| "unknown".into())
-                )?,
-                Some(e) => writeln!(out, "{lock}: {e}")?,
-            }
+        };
+        match c {
+            CtlCommand::Locks => Ask::Locks,
+            CtlCommand::Gateway => Ask::Gateway,
+            CtlCommand::State { lock, watch } => Ask::State { lock, watch },
+            CtlCommand::Lock(a) => command(Action::Lock, a),
+            CtlCommand::Unlock(a) => command(Action::Unlock, a),
+            CtlCommand::Pull(a) => command(Action::Pull, a),
         }
     }
-    let failed = list.iter().filter(|l| !l["error"].is_null()).count();
-    if failed > 0 {
-        anyhow::bail!("{failed} of {} lock(s) not fetched (above)", list.len());
-    }
-    Ok(())
 }
 
-/// `scan`: the Tedee locks BlueZ hears, matched against the configured ones.
-async fn scan(
-    config: Option<lockbridge::config::Config>,
-    seconds: u64,
-    json: bool,
-    out: &mut dyn Write,
-) -> anyhow::Result<()> {
-    let adapter = config
-        .as_ref()
-        .map(|c| c.ble.adapter.clone())
-        .unwrap_or_default();
-    let locks = config.map(|c| c.locks).unwrap_or_default();
-    let connector =
-        lockbridge::link::ble::BleConnector::new(&adapter, std::time::Duration::from_secs(10))
-            .await?;
-    if !json {
-        writeln!(out, "listening for {seconds} s…")?;
-        out.flush()?;
-    }
-    let heard = connector
-        .scan(std::time::Duration::from_secs(seconds))
-        .await?;
-    let configured_as = |h: &lockbridge::link::ble::Heard| {
-        locks
-            .iter()
-            .find(|l| Some(&l.serial) == h.serial.as_ref() || l.serial == h.address)
-            .map(|l| l.id.clone())
-    };
-    let missing: Vec<&lockbridge::config::LockEntry> = locks
-        .iter()
-        .filter(|l| {
-            !heard.iter().any(|h| {
-                h.rssi.is_some() && (Some(&l.serial) == h.serial.as_ref() || l.serial == h.address)
+impl From<LocalCommand> for lockbridge::control::LocalAsk {
+    fn from(c: LocalCommand) -> Self {
+        use lockbridge::command::Action;
+        use lockbridge::control::{LocalAsk, Request};
+        let command = |action, a: LocalAction| {
+            LocalAsk::Command(Request::Command {
+                lock: a.lock,
+                action,
+                mode: a.mode,
+                id: a.id,
+                ttl_s: a.ttl,
             })
-        })
-        .collect();
-    if json {
-        let list: Vec<serde_json::Value> = heard
-            .iter()
-            .map(|h| {
-                serde_json::json!({
-                    "serial": h.serial, "address": h.address, "name": h.name, "rssi": h.rssi,
-                    "configured_as": configured_as(h),
-                })
-            })
-            .collect();
-        let missing: Vec<serde_json::Value> = missing
-            .iter()
-            .map(|l| serde_json::json!({"id": l.id, "serial": l.serial}))
-            .collect();
-        writeln!(
-            out,
-            "{}",
-            serde_json::json!({"seconds": seconds, "locks": list, "configured_not_heard": missing})
-        )?;
-        return Ok(());
+        };
+        match c {
+            LocalCommand::Locks => LocalAsk::Locks,
+            LocalCommand::Gateway => LocalAsk::Gateway,
+            LocalCommand::Watch => LocalAsk::Watch,
+            LocalCommand::State { lock } => LocalAsk::State { lock },
+            LocalCommand::Lock(a) => command(Action::Lock, a),
+            LocalCommand::Unlock(a) => command(Action::Unlock, a),
+            LocalCommand::Pull(a) => command(Action::Pull, a),
+        }
     }
-    let in_range = heard.iter().filter(|h| h.rssi.is_some()).count();
-    writeln!(out, "{in_range} Tedee lock(s) heard")?;
-    if !heard.is_empty() {
-        writeln!(
-            out,
-            "{:<16} {:<18} {:>5}  {:<16} configured as",
-            "serial", "address", "rssi", "name"
-        )?;
-    }
-    for h in &heard {
-        writeln!(
-            out,
-            "{:<16} {:<18} {:>5}  {:<16} {}",
-            h.serial.as_deref().unwrap_or("?"),
-            h.address,
-            h.rssi.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
-            h.name
-                .as_deref()
-                .unwrap_or("")
-                .chars()
-                .filter(|c| !c.is_control())
-                .take(16)
-                .collect::<String>(),
-            configured_as(h).unwrap_or_else(|| "-".into())
-        )?;
-    }
-    if heard.iter().any(|h| h.rssi.is_none()) {
-        writeln!(out, "(rssi -: known to BlueZ but not heard in this scan)")?;
-    }
-    for l in missing {
-        writeln!(
-            out,
-            "not heard: configured lock {} (serial {}) — out of range, asleep or off",
-            l.id, l.serial
-        )?;
-    }
-    Ok(())
 }

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use p256::ecdsa::SigningKey;
 use rand_core::{OsRng, RngCore};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::clock::now;
 use crate::clock::unix_ms;
@@ -51,7 +52,8 @@ pub struct Supervisor {
     queued: HashMap<String, Arc<AtomicUsize>>,
     heartbeats: HashMap<String, Arc<AtomicU64>>,
     accepting: AtomicBool,
-    stop: watch::Sender<bool>,
+    /// Cancelled at shutdown: every session finishes what it holds and closes its link.
+    stop: CancellationToken,
     tasks: tokio::sync::Mutex<JoinSet<()>>,
 }
 
@@ -88,6 +90,7 @@ impl Supervisor {
         connector: Arc<C>,
         registry: Arc<Registry>,
         ledger: Arc<Ledger>,
+        stop: CancellationToken,
     ) -> Supervisor {
         let slots = Slots::new(config.ble.max_connections);
         let persistent = config
@@ -101,7 +104,6 @@ impl Supervisor {
                 config.ble.max_connections
             );
         }
-        let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let mut queues = HashMap::new();
         let mut heartbeats = HashMap::new();
@@ -137,7 +139,7 @@ impl Supervisor {
                 rx,
                 queue,
                 config.commands.queue_depth,
-                stop_rx.clone(),
+                stop.clone(),
             ));
         }
         Supervisor {
@@ -323,7 +325,7 @@ impl Supervisor {
     /// with ALERT 0x04, and wait for the tasks, at most `limit`.
     pub async fn shutdown(&self, limit: Duration) {
         self.accepting.store(false, Ordering::SeqCst);
-        let _ = self.stop.send(true);
+        self.stop.cancel();
         let mut tasks = self.tasks.lock().await;
         let all = async { while tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(limit, all).await.is_err() {
@@ -340,7 +342,7 @@ async fn keep_running<C: Connector>(
     mut rx: mpsc::Receiver<Job>,
     queue: Arc<std::sync::Mutex<mpsc::Sender<Job>>>,
     depth: usize,
-    stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let mut restarts = 0u32;
     loop {
@@ -349,7 +351,7 @@ async fn keep_running<C: Connector>(
         let Err(e) = result else {
             return; // stopped normally
         };
-        if *stop.borrow() {
+        if stop.is_cancelled() {
             return;
         }
         restarts += 1;

@@ -15,46 +15,40 @@ fn pause(n: u64) -> Duration {
 }
 
 /// Run `make()` as a task; when it panics, log it, publish [`GatewayEvent::TaskFailed`] and
-/// run a fresh `make()`. Returns when a run ends without panicking (or when the returned task
-/// is aborted).
-pub fn supervise<F, Fut>(
-    name: &'static str,
-    registry: Arc<Registry>,
-    make: F,
-) -> tokio::task::JoinHandle<()>
+/// run a fresh `make()`. Ends when a run ends without panicking; dropped (the daemon's task
+/// set aborted), it takes the run with it. The caller spawns it.
+pub async fn supervise<F, Fut>(name: &'static str, registry: Arc<Registry>, make: F)
 where
     F: Fn() -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    tokio::spawn(async move {
-        let mut failures = 0u64;
-        loop {
-            let run = tokio::spawn(make());
-            // Aborting the supervisor drops this future, which must not leave the run behind.
-            let _run = AbortOnDrop(run.abort_handle());
-            let result = run.await;
-            let panic = match result {
-                Ok(()) => return,
-                Err(e) if e.is_panic() => e.into_panic(),
-                Err(_) => return, // cancelled
-            };
-            failures += 1;
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic without a message".into());
-            let wait = pause(failures);
-            log::error!(
-                "{name} failed ({message}); restarting it in {wait:?} (restart {failures}). This is a bug: please report it with this log"
-            );
-            registry.publish(GatewayEvent::TaskFailed {
-                task: name.to_string(),
-                message,
-            });
-            tokio::time::sleep(wait).await;
-        }
-    })
+    let mut failures = 0u64;
+    loop {
+        let run = tokio::spawn(make());
+        // Aborting the supervisor drops this future, which must not leave the run behind.
+        let _run = AbortOnDrop(run.abort_handle());
+        let result = run.await;
+        let panic = match result {
+            Ok(()) => return,
+            Err(e) if e.is_panic() => e.into_panic(),
+            Err(_) => return, // cancelled
+        };
+        failures += 1;
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        let wait = pause(failures);
+        log::error!(
+            "{name} failed ({message}); restarting it in {wait:?} (restart {failures}). This is a bug: please report it with this log"
+        );
+        registry.publish(GatewayEvent::TaskFailed {
+            task: name.to_string(),
+            message,
+        });
+        tokio::time::sleep(wait).await;
+    }
 }
 
 /// Aborts a task when dropped.
@@ -84,14 +78,14 @@ mod tests {
         let registry = Arc::new(Registry::new([]));
         let mut events = registry.subscribe();
         let r = runs.clone();
-        let task = supervise("test task", registry.clone(), move || {
+        let task = tokio::spawn(supervise("test task", registry.clone(), move || {
             let n = r.fetch_add(1, Ordering::SeqCst);
             async move {
                 if n < 2 {
                     panic!("run {n} fails");
                 }
             }
-        });
+        }));
         task.await.unwrap();
         assert_eq!(runs.load(Ordering::SeqCst), 3);
         assert_eq!(registry.counters().task_failures, 2);
@@ -109,13 +103,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn aborting_the_supervisor_ends_the_task_it_runs() {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-        let task = supervise("test task", Arc::new(Registry::new([])), move || {
-            let tx = tx.clone();
-            async move {
-                let _keep = tx;
-                std::future::pending::<()>().await;
-            }
-        });
+        let task = tokio::spawn(supervise(
+            "test task",
+            Arc::new(Registry::new([])),
+            move || {
+                let tx = tx.clone();
+                async move {
+                    let _keep = tx;
+                    std::future::pending::<()>().await;
+                }
+            },
+        ));
         tokio::task::yield_now().await;
         task.abort();
         // The run's sender is dropped with it: the channel closes.

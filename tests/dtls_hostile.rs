@@ -472,3 +472,25 @@ async fn handshakes_hold_bounded_memory_and_large_client_hellos_are_answered() {
         "no HelloVerifyRequest: {answer:?}"
     );
 }
+
+// Shutting down ends every DTLS session with an encrypted close_notify, as TLS asks, rather
+// than letting clients find out from silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutting_down_closes_every_dtls_session_with_close_notify() {
+    let mut gw = gateway("");
+    let raw = Raw::new(gw.addr).await;
+    let mut s = Session::handshake(raw, "full", PSK.as_bytes(), Finished::Correct)
+        .await
+        .unwrap();
+    s.exchange(&coap_get("/gateway", 21), Duration::from_secs(3))
+        .await
+        .expect("served");
+    gw.daemon.signal("-TERM");
+    let alert = s.recv_alert(Duration::from_secs(20)).await;
+    assert_eq!(
+        alert.as_deref(),
+        Some(&[1u8, 0][..]),
+        "warning, close_notify"
+    );
+    assert!(gw.daemon.wait_exit(Duration::from_secs(30)).success());
+}

@@ -168,7 +168,8 @@ impl Rig {
             },
         ));
         let config = Config::load(&summary.daemon_config).unwrap();
-        let daemon = lockbridge::daemon::start(config).await.unwrap();
+        let key = lockbridge::keys::load(&config.key_path()).unwrap();
+        let daemon = lockbridge::daemon::start(config, key).await.unwrap();
         Rig {
             _dir: tmp,
             daemon: Some(daemon),

@@ -411,10 +411,14 @@ pub async fn serve_peer(peer: NewPeer, endpoint: Arc<Endpoint>) {
     let mut buf = vec![0u8; 2048];
     loop {
         while pending.try_join_next().is_some() {}
-        let n = match dtls
-            .read(&mut buf, Some(endpoint.limits.idle_timeout))
-            .await
-        {
+        let read = tokio::select! {
+            r = dtls.read(&mut buf, Some(endpoint.limits.idle_timeout)) => r,
+            _ = endpoint.shutdown.cancelled() => {
+                log::debug!("coap: {} ({identity}): shutting down; closing", peer.addr);
+                break;
+            }
+        };
+        let n = match read {
             Ok(n) => n,
             // A record larger than any request: ignored, like any malformed message.
             Err(webrtc_dtls::Error::ErrBufferTooSmall) => continue,

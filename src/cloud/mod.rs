@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
 use webrtc_dtls::cipher_suite::CipherSuiteId;
 use webrtc_dtls::config::{ClientAuthType, Config as DtlsConfig, ExtendedMasterSecretType};
 use zeroize::Zeroizing;
@@ -47,6 +48,8 @@ impl Psks {
 
 /// Everything a peer task needs.
 pub struct Endpoint {
+    /// Cancelled when the daemon stops: every session closes with close_notify.
+    pub shutdown: CancellationToken,
     pub supervisor: Arc<Supervisor>,
     pub psks: Arc<Psks>,
     /// The gateway's certificate and the client check, when certificate clients are configured.
@@ -261,14 +264,17 @@ fn certificate_config(
 /// The running endpoint.
 pub struct Started {
     pub addr: std::net::SocketAddr,
-    pub task: tokio::task::JoinHandle<()>,
+    /// The endpoint: spawn it. It ends when `shutdown` is cancelled, once every DTLS session
+    /// has sent close_notify (or after a short limit).
+    pub serve: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
     pub stats: Arc<dtls::Stats>,
 }
 
-/// Bind the UDP port and serve until the task is aborted.
+/// Bind the UDP port; the endpoint serves until `shutdown` is cancelled.
 pub async fn start(
     config: &Config,
     supervisor: Arc<Supervisor>,
+    shutdown: CancellationToken,
 ) -> anyhow::Result<Option<Started>> {
     let Some(listen) = config.coap.listen else {
         return Ok(None);
@@ -292,6 +298,7 @@ pub async fn start(
         .with_context(|| format!("coap.listen {listen}"))?;
     let addr = socket.local_addr()?;
     let endpoint = Arc::new(Endpoint {
+        shutdown,
         supervisor,
         psks,
         certs,
@@ -313,15 +320,20 @@ pub async fn start(
     let socket = Arc::new(socket);
     let stats = endpoint.stats.clone();
     let registry = endpoint.supervisor.registry().clone();
-    let task = crate::tasks::supervise("the CoAP endpoint", registry, move || {
+    let serve = crate::tasks::supervise("the CoAP endpoint", registry, move || {
         let endpoint = endpoint.clone();
         dtls::demultiplex(
             socket.clone(),
             endpoint.limits.clone(),
             endpoint.stats.clone(),
+            endpoint.shutdown.clone(),
             move |peer| coap::serve_peer(peer, endpoint.clone()),
         )
     });
     log::info!("coap: CoAP over DTLS on udp {addr}");
-    Ok(Some(Started { addr, task, stats }))
+    Ok(Some(Started {
+        addr,
+        serve: Box::pin(serve),
+        stats,
+    }))
 }

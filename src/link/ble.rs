@@ -560,6 +560,100 @@ impl Drop for BleLink {
     }
 }
 
+/// `scan`: the Tedee locks BlueZ hears, matched against the configured ones.
+pub async fn scan_report(
+    config: Option<crate::config::Config>,
+    seconds: u64,
+    json: bool,
+    out: &mut dyn std::io::Write,
+) -> anyhow::Result<()> {
+    let adapter = config
+        .as_ref()
+        .map(|c| c.ble.adapter.clone())
+        .unwrap_or_default();
+    let locks = config.map(|c| c.locks).unwrap_or_default();
+    let connector = BleConnector::new(&adapter, std::time::Duration::from_secs(10)).await?;
+    if !json {
+        writeln!(out, "listening for {seconds} s…")?;
+        out.flush()?;
+    }
+    let heard = connector
+        .scan(std::time::Duration::from_secs(seconds))
+        .await?;
+    let configured_as = |h: &Heard| {
+        locks
+            .iter()
+            .find(|l| Some(&l.serial) == h.serial.as_ref() || l.serial == h.address)
+            .map(|l| l.id.clone())
+    };
+    let missing: Vec<&crate::config::LockEntry> = locks
+        .iter()
+        .filter(|l| {
+            !heard.iter().any(|h| {
+                h.rssi.is_some() && (Some(&l.serial) == h.serial.as_ref() || l.serial == h.address)
+            })
+        })
+        .collect();
+    if json {
+        let list: Vec<serde_json::Value> = heard
+            .iter()
+            .map(|h| {
+                serde_json::json!({
+                    "serial": h.serial, "address": h.address, "name": h.name, "rssi": h.rssi,
+                    "configured_as": configured_as(h),
+                })
+            })
+            .collect();
+        let missing: Vec<serde_json::Value> = missing
+            .iter()
+            .map(|l| serde_json::json!({"id": l.id, "serial": l.serial}))
+            .collect();
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({"seconds": seconds, "locks": list, "configured_not_heard": missing})
+        )?;
+        return Ok(());
+    }
+    let in_range = heard.iter().filter(|h| h.rssi.is_some()).count();
+    writeln!(out, "{in_range} Tedee lock(s) heard")?;
+    if !heard.is_empty() {
+        writeln!(
+            out,
+            "{:<16} {:<18} {:>5}  {:<16} configured as",
+            "serial", "address", "rssi", "name"
+        )?;
+    }
+    for h in &heard {
+        writeln!(
+            out,
+            "{:<16} {:<18} {:>5}  {:<16} {}",
+            h.serial.as_deref().unwrap_or("?"),
+            h.address,
+            h.rssi.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+            h.name
+                .as_deref()
+                .unwrap_or("")
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(16)
+                .collect::<String>(),
+            configured_as(h).unwrap_or_else(|| "-".into())
+        )?;
+    }
+    if heard.iter().any(|h| h.rssi.is_none()) {
+        writeln!(out, "(rssi -: known to BlueZ but not heard in this scan)")?;
+    }
+    for l in missing {
+        writeln!(
+            out,
+            "not heard: configured lock {} (serial {}) — out of range, asleep or off",
+            l.id, l.serial
+        )?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

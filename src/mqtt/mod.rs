@@ -119,14 +119,14 @@ pub fn start(
     };
     let stopping = shared.stopping.clone();
     let first = std::sync::Mutex::new(Some(eventloop));
-    let supervised = crate::tasks::supervise(
+    let supervised = tokio::spawn(crate::tasks::supervise(
         "the MQTT bridge",
         supervisor.registry().clone(),
         move || {
             let eventloop = first.lock().unwrap_or_else(|p| p.into_inner()).take();
             run_bridge(shared.clone(), eventloop)
         },
-    );
+    ));
     log::info!("mqtt: bridging to {broker} under {root}");
     Ok(Some(Bridge {
         current,

@@ -10,7 +10,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rand_core::{OsRng, RngCore};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::clock::{now, sleep_until, unix_ms};
 use crate::command::Step;
@@ -49,8 +50,6 @@ enum Wake {
     CoreTimer,
     Slot(SlotGuard),
     Waiters(usize),
-    /// The stop signal's sender is gone: stop as if it had been sent.
-    Stop,
     /// Look at the stop flag, the heartbeat and a parked lock's retry generation.
     Look,
 }
@@ -59,7 +58,7 @@ pub struct Session<C: Connector> {
     p: SessionParams,
     connector: Arc<C>,
     jobs: mpsc::Receiver<Job>,
-    stop: watch::Receiver<bool>,
+    stop: CancellationToken,
     core: Core,
     live: Option<Live<C::Link>>,
     slot: Option<SlotGuard>,
@@ -81,7 +80,7 @@ impl<C: Connector> Session<C> {
         p: SessionParams,
         connector: Arc<C>,
         jobs: mpsc::Receiver<Job>,
-        stop: watch::Receiver<bool>,
+        stop: CancellationToken,
     ) -> Self {
         let core = Core::new(
             Settings::from_entry(&p.entry, p.queue_depth),
@@ -112,7 +111,7 @@ impl<C: Connector> Session<C> {
         let mut stopping = false;
         loop {
             self.p.heartbeat.store(unix_ms(), Ordering::Relaxed);
-            if !stopping && (*self.stop.borrow() || !jobs_open) {
+            if !stopping && (self.stop.is_cancelled() || !jobs_open) {
                 stopping = true;
                 self.core.handle_stop(stamp());
             }
@@ -154,7 +153,7 @@ impl<C: Connector> Session<C> {
                     _ = sleep_until(core_at) => Wake::CoreTimer,
                     guard = acquire => Wake::Slot(guard),
                     _ = waiting.changed() => Wake::Waiters(*waiting.borrow_and_update()),
-                    r = self.stop.changed() => if r.is_err() { Wake::Stop } else { Wake::Look },
+                    _ = self.stop.cancelled(), if !stopping => Wake::Look,
                     _ = tokio::time::sleep(TICK) => Wake::Look,
                 }
             };
@@ -184,7 +183,6 @@ impl<C: Connector> Session<C> {
                     self.core.handle_slot(stamp(), SlotChange::Granted);
                 }
                 Wake::Waiters(n) => self.core.handle_slot(stamp(), SlotChange::Waiters(n)),
-                Wake::Stop => jobs_open = false,
                 Wake::Look => {}
             }
         }

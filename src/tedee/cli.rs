@@ -5,7 +5,7 @@
 //! about every refusal. (`tedee fetch` asks the running daemon, over the control socket.)
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -398,6 +398,46 @@ pub async fn unregister(t: &Tedee, out: &mut dyn Write) -> anyhow::Result<()> {
         r.mobile_id,
         store.dir().display()
     )?;
+    Ok(())
+}
+
+/// `tedee fetch`: the running daemon fetches (it owns the cloud budget and the sessions).
+pub async fn fetch(
+    socket: &Path,
+    locks: Vec<String>,
+    json: bool,
+    out: &mut dyn std::io::Write,
+) -> anyhow::Result<()> {
+    use crate::control::{ControlClient, Request};
+    let mut client = ControlClient::connect(socket).await?;
+    client.request(&Request::TedeeFetch { locks }).await?;
+    let v = client.line().await?;
+    if let Some(e) = v.get("error") {
+        anyhow::bail!("{}", e.as_str().unwrap_or("error"));
+    }
+    let list = v["locks"].as_array().cloned().unwrap_or_default();
+    if json {
+        writeln!(out, "{v}")?;
+    } else {
+        for l in &list {
+            let lock = l["lock"].as_str().unwrap_or("?");
+            match l["error"].as_str() {
+                None => writeln!(
+                    out,
+                    "{lock}: certificate fetched (expires {}); a parked session tries again",
+                    l["cert_expires"]
+                        .as_u64()
+                        .map(crate::tedee::store::rfc3339)
+                        .unwrap_or_else(|| "unknown".into())
+                )?,
+                Some(e) => writeln!(out, "{lock}: {e}")?,
+            }
+        }
+    }
+    let failed = list.iter().filter(|l| !l["error"].is_null()).count();
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} lock(s) not fetched (above)", list.len());
+    }
     Ok(())
 }
 

@@ -447,25 +447,32 @@ impl Session {
         out
     }
 
+    /// The first alert the server sends within `limit`, decrypted: `[level, description]`.
+    pub async fn recv_alert(&self, limit: Duration) -> Option<Vec<u8>> {
+        self.first_opened(CT_ALERT, limit).await
+    }
+
+    /// The first record of `content_type` that arrives within `wait` and opens, decrypted.
+    async fn first_opened(&self, content_type: u8, wait: Duration) -> Option<Vec<u8>> {
+        let server = &self.server;
+        let opens = |r: &Vec<u8>| r[0] == content_type && server.open(r).is_some();
+        let got = self
+            .raw
+            .receive_until(wait, |d| full_records(d).iter().any(opens))
+            .await;
+        full_records(&got)
+            .iter()
+            .filter(|r| r[0] == content_type)
+            .find_map(|r| server.open(r))
+            .map(|(_, p)| p)
+    }
+
     /// Send `plain` as application data; the application data that comes back within
     /// `wait`.
     pub async fn exchange(&mut self, plain: &[u8], wait: Duration) -> Option<Vec<u8>> {
         let r = self.seal(plain);
         self.raw.socket.send(&r).await.unwrap();
-        let server = &self.server;
-        let got = self
-            .raw
-            .receive_until(wait, |d| {
-                full_records(d)
-                    .iter()
-                    .any(|r| r[0] == CT_APP_DATA && server.open(r).is_some())
-            })
-            .await;
-        full_records(&got)
-            .iter()
-            .filter(|r| r[0] == CT_APP_DATA)
-            .find_map(|r| server.open(r))
-            .map(|(_, p)| p)
+        self.first_opened(CT_APP_DATA, wait).await
     }
 }
 

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use record::{
     CT_APPLICATION_DATA, CT_CHANGE_CIPHER_SPEC, CT_HANDSHAKE, Hello, client_hello, fragments,
@@ -604,6 +605,7 @@ pub async fn demultiplex<F, Fut>(
     socket: Arc<UdpSocket>,
     limits: Limits,
     stats: Arc<Stats>,
+    shutdown: CancellationToken,
     spawn_peer: F,
 ) where
     F: Fn(NewPeer) -> Fut,
@@ -649,6 +651,7 @@ pub async fn demultiplex<F, Fut>(
                 d.sweep();
                 continue;
             }
+            _ = shutdown.cancelled() => break,
         };
         if n > MAX_DATAGRAM {
             stats.dropped_oversized.fetch_add(1, Ordering::Relaxed);
@@ -656,6 +659,32 @@ pub async fn demultiplex<F, Fut>(
         }
         d.on_datagram(addr, &buf[..n], &spawn_peer);
     }
+    // Shutting down: every peer saw the same token and is closing its session (close_notify);
+    // let them finish before their entries go, at most CLOSE_LIMIT in all.
+    let tasks: Vec<tokio::task::JoinHandle<()>> = d
+        .peers
+        .values_mut()
+        .flat_map(|slot| {
+            let successor = slot.successor.as_mut().map(|e| take_task(&mut e.task));
+            std::iter::once(take_task(&mut slot.current.task)).chain(successor)
+        })
+        .collect();
+    let all = async {
+        for t in tasks {
+            let _ = t.await;
+        }
+    };
+    if tokio::time::timeout(CLOSE_LIMIT, all).await.is_err() {
+        log::warn!("coap: some DTLS sessions did not close within {CLOSE_LIMIT:?}");
+    }
+}
+
+/// How long shutdown waits for the DTLS sessions to send close_notify.
+const CLOSE_LIMIT: Duration = Duration::from_secs(2);
+
+/// A peer's task handle, leaving one that is already finished in its place.
+fn take_task(task: &mut tokio::task::JoinHandle<()>) -> tokio::task::JoinHandle<()> {
+    std::mem::replace(task, tokio::spawn(async {}))
 }
 
 /// The demultiplexer's state, owned by its task.
