@@ -414,7 +414,7 @@ pub async fn local(
                             .as_u64()
                             .map(|ms| format!(
                                 ", paused until {}",
-                                crate::tedee::store::rfc3339(ms)
+                                crate::clock::rfc3339(ms)
                             ))
                             .unwrap_or_default(),
                         t["last_error"]
