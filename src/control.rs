@@ -412,10 +412,7 @@ pub async fn local(
                         t["requests_last_hour"],
                         t["paused_until"]
                             .as_u64()
-                            .map(|ms| format!(
-                                ", paused until {}",
-                                crate::clock::rfc3339(ms)
-                            ))
+                            .map(|ms| format!(", paused until {}", crate::clock::rfc3339(ms)))
                             .unwrap_or_default(),
                         t["last_error"]
                             .as_str()

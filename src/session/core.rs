@@ -1246,13 +1246,15 @@ impl Core {
     /// Commands whose deadline passed before they were sent: expired, never sent; a read-back
     /// that waited too long: ambiguous without a state.
     fn expire(&mut self, now: Instant) {
-        let (late, keep): (Vec<Job>, Vec<Job>) = self
-            .pending
-            .drain(..)
-            .partition(|j| j.command.deadline <= now);
-        self.pending = keep.into();
-        for job in late {
-            self.finish(job, Outcome::Expired);
+        if self.pending.iter().any(|j| j.command.deadline <= now) {
+            let (late, keep): (Vec<Job>, Vec<Job>) = self
+                .pending
+                .drain(..)
+                .partition(|j| j.command.deadline <= now);
+            self.pending = keep.into();
+            for job in late {
+                self.finish(job, Outcome::Expired);
+            }
         }
         if self.readback.as_ref().is_some_and(|rb| rb.until <= now) {
             if let Some(rb) = self.readback.take() {

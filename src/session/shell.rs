@@ -13,7 +13,7 @@ use rand_core::{OsRng, RngCore};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::clock::{now, sleep_until, unix_ms};
+use crate::clock::{now, unix_ms};
 use crate::command::Step;
 use crate::link::{Connector, Link, LinkError, LinkEvent};
 use crate::ptls::{Client, ClientConfig, ClientTiming};
@@ -41,6 +41,41 @@ struct Certificate {
 }
 
 type Acquire = Pin<Box<dyn Future<Output = SlotGuard> + Send>>;
+
+/// One wake-up instant, kept across turns of the loop and moved only when it changes.
+struct Timer {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    at: Option<Instant>,
+}
+
+impl Default for Timer {
+    fn default() -> Timer {
+        Timer {
+            sleep: Box::pin(tokio::time::sleep(TICK)),
+            at: None,
+        }
+    }
+}
+
+impl Timer {
+    fn set(&mut self, at: Option<Instant>) {
+        if at != self.at {
+            self.at = at;
+            if let Some(at) = at {
+                self.sleep
+                    .as_mut()
+                    .reset(tokio::time::Instant::from_std(at));
+            }
+        }
+    }
+
+    /// Resolves at the instant set; only polled while one is.
+    async fn wait(&mut self) {
+        (&mut self.sleep).await;
+        // Fired: the next `set` of the same instant must arm it again.
+        self.at = None;
+    }
+}
 
 /// What woke the loop.
 enum Wake {
@@ -109,6 +144,10 @@ impl<C: Connector> Session<C> {
         let mut waiting = self.p.slots.waiting();
         let mut jobs_open = true;
         let mut stopping = false;
+        let mut client_timer = Timer::default();
+        let mut core_timer = Timer::default();
+        let tick = tokio::time::sleep(TICK);
+        tokio::pin!(tick);
         loop {
             self.p.heartbeat.store(unix_ms(), Ordering::Relaxed);
             if !stopping && (self.stop.is_cancelled() || !jobs_open) {
@@ -125,12 +164,14 @@ impl<C: Connector> Session<C> {
             }
             self.p.queued.store(self.core.queued(), Ordering::Relaxed);
             self.want_slot();
-            let client_at = self
-                .live
-                .as_ref()
-                .and_then(|l| l.client.poll_timeout())
-                .map(tokio::time::Instant::from_std);
-            let core_at = self.core.poll_timeout().map(tokio::time::Instant::from_std);
+            // The timers are kept and moved, not made anew each turn: a command takes several.
+            let client_at = self.live.as_ref().and_then(|l| l.client.poll_timeout());
+            let core_at = self.core.poll_timeout();
+            client_timer.set(client_at);
+            core_timer.set(core_at);
+            if tick.is_elapsed() {
+                tick.as_mut().reset(tokio::time::Instant::now() + TICK);
+            }
             let wake = {
                 let acquiring = &mut self.acquiring;
                 let live = &mut self.live;
@@ -149,12 +190,12 @@ impl<C: Connector> Session<C> {
                 tokio::select! {
                     job = self.jobs.recv(), if jobs_open => Wake::Job(job),
                     ev = recv => Wake::Link(ev),
-                    _ = sleep_until(client_at) => Wake::ClientTimer,
-                    _ = sleep_until(core_at) => Wake::CoreTimer,
+                    _ = client_timer.wait(), if client_at.is_some() => Wake::ClientTimer,
+                    _ = core_timer.wait(), if core_at.is_some() => Wake::CoreTimer,
                     guard = acquire => Wake::Slot(guard),
                     _ = waiting.changed() => Wake::Waiters(*waiting.borrow_and_update()),
                     _ = self.stop.cancelled(), if !stopping => Wake::Look,
-                    _ = tokio::time::sleep(TICK) => Wake::Look,
+                    _ = &mut tick => Wake::Look,
                 }
             };
             match wake {
