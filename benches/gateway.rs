@@ -167,6 +167,15 @@ fn main() {
         }
         zero.sort();
         rig.stop().await;
+        // LOCKBRIDGE_BENCH_ZERO_ONLY=1: only the zero-delay reads (for profiling the hot path).
+        if std::env::var_os("LOCKBRIDGE_BENCH_ZERO_ONLY").is_some() {
+            println!(
+                "zero-delay read p50 {:.3} ms, p99 {:.3} ms",
+                ms(percentile(&zero, 0.5)),
+                ms(percentile(&zero, 0.99))
+            );
+            return;
+        }
 
         // 2. BLE timing model: warm (persistent) and cold (on-demand, link dropped when idle).
         let rig = Rig::new(INTERVAL_MS, None, |t| {
