@@ -510,19 +510,19 @@ impl Core {
                 self.link_lost(now, format!("link lost: {reason}"));
             }
             (Phase::Ready { .. }, LinkChange::NotDelivered { reason }) => {
-                if let Phase::Ready {
-                    busy: busy @ Busy::Asking { .. },
-                    ..
-                } = &mut self.phase
-                {
-                    if let Busy::Asking {
+                match self.take_busy() {
+                    Busy::Asking {
                         purpose: Purpose::Command(job),
                         ..
-                    } = std::mem::replace(busy, Busy::Free)
-                    {
+                    } => {
                         // Provably never reached the lock: unreachable, not ambiguous.
                         self.finish(job, Outcome::failed(Reason::Unreachable));
                     }
+                    // Anything else in progress is settled by the link loss, as for any other.
+                    other @ (Busy::Free
+                    | Busy::Recording(_)
+                    | Busy::Asking { .. }
+                    | Busy::Settling { .. }) => self.set_busy(other),
                 }
                 self.link_lost(now, format!("write not delivered: {reason}"));
             }
@@ -602,23 +602,24 @@ impl Core {
 
     /// [`Action::Record`] done: `Err` says why the id could not be made durable.
     pub fn handle_recorded(&mut self, now: Now, recorded: Result<(), String>) {
-        if let Phase::Ready { busy, .. } = &mut self.phase {
-            if let Busy::Recording(job) = std::mem::replace(busy, Busy::Free) {
-                match recorded {
-                    Ok(()) => self.send(Purpose::Command(job)),
-                    Err(e) => {
-                        // Not sent: without its record, a repeat after a restart could send it.
-                        log::error!(LOCK_ID = self.id(); "lock {}: {e}; command {} not sent", self.id(), job.command.id);
-                        self.finish(
-                            job,
-                            Outcome::Failed {
-                                reason: Reason::StateStore,
-                                state: None,
-                                detail: Some(format!("{e}; free space in the state directory")),
-                            },
-                        );
-                    }
+        match self.take_busy() {
+            Busy::Recording(job) => match recorded {
+                Ok(()) => self.send(Purpose::Command(job)),
+                Err(e) => {
+                    // Not sent: without its record, a repeat after a restart could send it.
+                    log::error!(LOCK_ID = self.id(); "lock {}: {e}; command {} not sent", self.id(), job.command.id);
+                    self.finish(
+                        job,
+                        Outcome::Failed {
+                            reason: Reason::StateStore,
+                            state: None,
+                            detail: Some(format!("{e}; free space in the state directory")),
+                        },
+                    );
                 }
+            },
+            other @ (Busy::Free | Busy::Asking { .. } | Busy::Settling { .. }) => {
+                self.set_busy(other)
             }
         }
         self.advance(now);
@@ -626,17 +627,17 @@ impl Core {
 
     /// The client refused [`Action::Send`]: nothing was written.
     pub fn handle_not_sent(&mut self, now: Now, why: String) {
-        if let Phase::Ready { busy, .. } = &mut self.phase {
-            match std::mem::replace(busy, Busy::Free) {
-                Busy::Asking {
-                    purpose: Purpose::Command(job),
-                    ..
-                } => {
-                    log::warn!(LOCK_ID = self.id(); "lock {}: command {} not sent: {why}", self.id(), job.command.id);
-                    self.finish(job, Outcome::failed(Reason::Unreachable));
-                }
-                Busy::Asking { purpose, .. } => self.unanswered(now, purpose, why),
-                other @ (Busy::Free | Busy::Recording(_) | Busy::Settling { .. }) => *busy = other,
+        match self.take_busy() {
+            Busy::Asking {
+                purpose: Purpose::Command(job),
+                ..
+            } => {
+                log::warn!(LOCK_ID = self.id(); "lock {}: command {} not sent: {why}", self.id(), job.command.id);
+                self.finish(job, Outcome::failed(Reason::Unreachable));
+            }
+            Busy::Asking { purpose, .. } => self.unanswered(now, purpose, why),
+            other @ (Busy::Free | Busy::Recording(_) | Busy::Settling { .. }) => {
+                self.set_busy(other)
             }
         }
         self.advance(now);
@@ -740,14 +741,13 @@ impl Core {
                 }
                 Timer::Idle => self.due.idle = true,
                 Timer::Yield => self.due.yield_slot = true,
-                Timer::Settle => {
-                    if let Phase::Ready { busy, .. } = &mut self.phase {
-                        if let Busy::Settling { job, .. } = std::mem::replace(busy, Busy::Free) {
-                            // No movement reported (already there) or the stop was missed: ask.
-                            self.send(Purpose::Settled(job));
-                        }
+                Timer::Settle => match self.take_busy() {
+                    // No movement reported (already there) or the stop was missed: ask.
+                    Busy::Settling { job, .. } => self.send(Purpose::Settled(job)),
+                    other @ (Busy::Free | Busy::Recording(_) | Busy::Asking { .. }) => {
+                        self.set_busy(other)
                     }
-                }
+                },
                 Timer::Reestablish => {
                     if matches!(
                         self.phase,
@@ -884,6 +884,17 @@ impl Core {
         self.set_busy(Busy::Asking { opcode, purpose });
     }
 
+    /// What is in progress, leaving the session free; a caller that finds work that is not
+    /// its own puts it back with [`Core::set_busy`], so nothing in flight is ever dropped.
+    fn take_busy(&mut self) -> Busy {
+        match &mut self.phase {
+            Phase::Ready { busy, .. } => std::mem::replace(busy, Busy::Free),
+            Phase::Offline | Phase::Connecting | Phase::Handshaking { .. } | Phase::Stopped => {
+                Busy::Free
+            }
+        }
+    }
+
     fn set_busy(&mut self, next: Busy) {
         if let Phase::Ready { busy, .. } = &mut self.phase {
             *busy = next;
@@ -892,11 +903,11 @@ impl Core {
 
     /// The answer to what was asked: the response, or why none came.
     fn on_answer(&mut self, now: Now, answer: Result<api::Response, String>) {
-        let Phase::Ready { busy, .. } = &mut self.phase else {
-            return;
-        };
-        let Busy::Asking { purpose, .. } = std::mem::replace(busy, Busy::Free) else {
-            return;
+        let purpose = match self.take_busy() {
+            Busy::Asking { purpose, .. } => purpose,
+            other @ (Busy::Free | Busy::Recording(_) | Busy::Settling { .. }) => {
+                return self.set_busy(other);
+            }
         };
         let r = match answer {
             Ok(r) => r,
@@ -1060,27 +1071,22 @@ impl Core {
             Notification::StatusChange(change) => {
                 self.state_known = true;
                 self.view(now, ViewChange::StatusChange(change));
-                if let Phase::Ready {
-                    busy: Busy::Settling { started, .. },
-                    ..
-                } = &self.phase
-                {
-                    if change.state.is_stable() {
+                match self.take_busy() {
+                    Busy::Settling { job, .. } if change.state.is_stable() => {
                         let stopped = LockStatus {
                             state: change.state,
                             jammed: change.jammed,
                         };
-                        if let Phase::Ready { busy, .. } = &mut self.phase {
-                            if let Busy::Settling { job, .. } = std::mem::replace(busy, Busy::Free)
-                            {
-                                self.finish_movement(job, Some(stopped));
-                                self.rearm_idle(now);
-                            }
-                        }
-                    } else {
+                        self.finish_movement(job, Some(stopped));
+                        self.rearm_idle(now);
+                    }
+                    Busy::Settling { job, started } => {
                         // Moving: wait for the stop up to the motion limit.
-                        let until = *started + MOTION_LIMIT;
-                        self.timers.set(Timer::Settle, until);
+                        self.timers.set(Timer::Settle, started + MOTION_LIMIT);
+                        self.set_busy(Busy::Settling { job, started });
+                    }
+                    other @ (Busy::Free | Busy::Recording(_) | Busy::Asking { .. }) => {
+                        self.set_busy(other)
                     }
                 }
             }
@@ -1183,8 +1189,8 @@ impl Core {
 
     /// The live link failed: settle what was in flight by the outcome rules, then reconnect.
     fn link_lost(&mut self, now: Now, reason: String) {
-        if let Phase::Ready { busy, .. } = &mut self.phase {
-            match std::mem::replace(busy, Busy::Free) {
+        if matches!(self.phase, Phase::Ready { .. }) {
+            match self.take_busy() {
                 Busy::Free => {}
                 Busy::Recording(job) => self.pending.push_front(job),
                 Busy::Asking { purpose, .. } => match purpose {
@@ -1767,6 +1773,41 @@ mod tests {
             t.outcomes(),
             [("a".into(), Outcome::failed(Reason::Unreachable))]
         );
+    }
+
+    // Regression: a write error while the gateway's own read was out dropped the command the
+    // read was for, which then never got an outcome.
+    #[test]
+    fn a_link_failure_during_a_read_back_keeps_the_command_for_the_next_link() {
+        let mut t = T::new(LinkPolicy::Persistent);
+        t.ready(0);
+        t.submit(1_000, t.job("c1", Act::Unlock, 60_000));
+        t.record(1_000);
+        let silence = Event::CommandUnanswered {
+            opcode: op::UNLOCK,
+            why: ptls::Unanswered::Timeout,
+        };
+        assert_eq!(sends(&t.event(6_000, silence)), [vec![op::GET_STATE]]);
+        t.core.handle_link(
+            t.at(6_010),
+            LinkChange::NotDelivered {
+                reason: "no route".into(),
+            },
+        );
+        t.take();
+        assert!(t.outcomes().is_empty(), "still owed its read-back");
+        t.core.handle_slot(t.at(7_000), SlotChange::Granted);
+        t.core
+            .handle_link(t.at(7_000), LinkChange::Up { rssi: None });
+        let a = t.event(7_100, Event::Established { session_id: [4; 4] });
+        assert_eq!(sends(&a), [vec![op::GET_STATE]]);
+        t.answer(7_200, op::GET_STATE, result::SUCCESS, &unlocked());
+        let o = t.outcomes();
+        assert!(
+            matches!(&o[..], [(_, Outcome::Ambiguous { state: Some(_), .. })]),
+            "{o:?}"
+        );
+        assert_eq!(t.written(&UNLOCK), 1);
     }
 
     #[test]
