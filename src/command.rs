@@ -258,6 +258,15 @@ pub struct StateReading {
     pub jammed: bool,
 }
 
+impl From<crate::ptls::api::LockStatus> for StateReading {
+    fn from(s: crate::ptls::api::LockStatus) -> StateReading {
+        StateReading {
+            state: s.state,
+            jammed: s.jammed,
+        }
+    }
+}
+
 /// The one terminal outcome of a command.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]

@@ -931,7 +931,7 @@ impl Core {
             }
             Purpose::Command(job) => {
                 let outcome = Outcome::Success {
-                    state: reading.map(reading_of),
+                    state: reading.map(StateReading::from),
                     battery: self.battery,
                 };
                 self.finish(job, outcome);
@@ -939,7 +939,7 @@ impl Core {
             Purpose::AfterUnanswered(job, reason) => match reading {
                 Some(s) => {
                     self.show_state(now, s);
-                    let state = Some(reading_of(s));
+                    let state = Some(StateReading::from(s));
                     self.finish(job, Outcome::Ambiguous { state, reason });
                 }
                 None => {
@@ -954,7 +954,7 @@ impl Core {
                 if let Some(s) = reading {
                     self.show_state(now, s);
                 }
-                let state = reading.map(reading_of);
+                let state = reading.map(StateReading::from);
                 self.finish(job, Outcome::Ambiguous { state, reason });
             }
             Purpose::Settled(job) => {
@@ -1039,11 +1039,11 @@ impl Core {
         let outcome = match stopped {
             Some(s) if s.jammed => Outcome::Failed {
                 reason: Reason::Jammed,
-                state: Some(reading_of(s)),
+                state: Some(StateReading::from(s)),
                 detail: None,
             },
             s => Outcome::Success {
-                state: s.map(reading_of),
+                state: s.map(StateReading::from),
                 battery: None,
             },
         };
@@ -1361,13 +1361,6 @@ impl Core {
     fn progress(&mut self, now: Now) {
         self.actions
             .push_back(Action::Progress { at_ms: now.unix_ms });
-    }
-}
-
-fn reading_of(s: LockStatus) -> StateReading {
-    StateReading {
-        state: s.state,
-        jammed: s.jammed,
     }
 }
 

@@ -255,7 +255,7 @@ impl<C: Connector> Session<C> {
         if self.core.is_parked()
             && self.p.credentials.retry_generation(&self.p.entry) != self.parked_generation
         {
-            self.certificate = None;
+            // The core asks for the certificate again (CertificateChoice::Reload).
             self.core.handle_retry(stamp());
         }
     }

@@ -660,18 +660,14 @@ pub async fn demultiplex<F, Fut>(
         d.on_datagram(addr, &buf[..n], &spawn_peer);
     }
     // Shutting down: every peer saw the same token and is closing its session (close_notify);
-    // let them finish before their entries go, at most CLOSE_LIMIT in all.
-    let tasks: Vec<tokio::task::JoinHandle<()>> = d
-        .peers
-        .values_mut()
-        .flat_map(|slot| {
-            let successor = slot.successor.as_mut().map(|e| take_task(&mut e.task));
-            std::iter::once(take_task(&mut slot.current.task)).chain(successor)
-        })
-        .collect();
+    // let them finish before their entries go (dropping one aborts its task), at most
+    // CLOSE_LIMIT in all.
     let all = async {
-        for t in tasks {
-            let _ = t.await;
+        for slot in d.peers.values_mut() {
+            let _ = (&mut slot.current.task).await;
+            if let Some(next) = slot.successor.as_mut() {
+                let _ = (&mut next.task).await;
+            }
         }
     };
     if tokio::time::timeout(CLOSE_LIMIT, all).await.is_err() {
@@ -681,11 +677,6 @@ pub async fn demultiplex<F, Fut>(
 
 /// How long shutdown waits for the DTLS sessions to send close_notify.
 const CLOSE_LIMIT: Duration = Duration::from_secs(2);
-
-/// A peer's task handle, leaving one that is already finished in its place.
-fn take_task(task: &mut tokio::task::JoinHandle<()>) -> tokio::task::JoinHandle<()> {
-    std::mem::replace(task, tokio::spawn(async {}))
-}
 
 /// The demultiplexer's state, owned by its task.
 struct Demux {
