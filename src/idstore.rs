@@ -3,8 +3,10 @@
 //!
 //! An append-only JSON-lines file in the state directory. Before an actuating command is
 //! written to a lock its id is appended as `sent` and flushed to disk (fsync); the terminal
-//! outcome is appended when it is known. After a crash, an id that was `sent` but never `done`
-//! is settled as `ambiguous` — it is never sent again.
+//! outcome is appended when it is known (flushed too for an actuating command; a read's outcome
+//! is written but not flushed: it survives a daemon crash in the page cache, and one lost with
+//! the power only lets a repeat of that read run again, which moves nothing). After a crash, an
+//! id that was `sent` but never `done` is settled as `ambiguous` — it is never sent again.
 //!
 //! The file is compacted at start (ids older than the retention dropped) and begins with a
 //! header that counts the entries written by that compaction, so a file cut short is noticed.
@@ -190,22 +192,24 @@ impl IdStore {
             path: self.path.clone(),
             source: source.into(),
         });
+        // Only an actuation needs its line on the disk before going on (module docs).
+        let flush = e.action.is_actuating();
         self.entries.insert(key(e.origin.as_deref(), &e.id), e);
-        let result = line.and_then(|line| self.append(&line));
+        let result = line.and_then(|line| self.append(&line, flush));
         if result.is_err() {
             self.health.write_failures += 1;
         }
         result
     }
 
-    fn append(&mut self, line: &str) -> Result<(), StoreError> {
+    fn append(&mut self, line: &str, flush: bool) -> Result<(), StoreError> {
         let mut bytes = Vec::with_capacity(line.len() + 1);
         bytes.extend_from_slice(line.as_bytes());
         bytes.push(b'\n');
         let written = self
             .file
             .write_all(&bytes)
-            .and_then(|()| self.file.sync_data());
+            .and_then(|()| if flush { self.file.sync_data() } else { Ok(()) });
         match written {
             Ok(()) => {
                 self.len += bytes.len() as u64;
