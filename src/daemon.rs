@@ -68,7 +68,7 @@ pub async fn start(config: Config, gateway_key: SigningKey) -> anyhow::Result<Da
                 config.clone(),
                 gateway_key,
                 credentials,
-                Arc::new(SimConnector { addr }),
+                Arc::new(SimConnector::new(addr)),
                 registry.clone(),
                 ledger,
                 cancel.child_token(),

@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 use serde::Deserialize;
 
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FaultConfig {
     /// Probability that a frame is lost.
@@ -29,9 +29,101 @@ pub struct FaultConfig {
     /// Which direction's count cuts the link.
     pub disconnect_direction: Direction,
     /// BLE timing model: a value goes over the air only at a connection event, every this
-    /// many milliseconds (0 = off). Applied after delay and jitter.
+    /// many milliseconds (0 = off, and with it every cost below). Applied after delay and
+    /// jitter.
     pub connection_interval_ms: u64,
+    /// How often the lock advertises: a connection (or a probe) first waits for the hub to hear
+    /// it, a uniform `[0, advertising_interval_ms)`.
+    pub advertising_interval_ms: u64,
+    /// Connection events from the connect request to the link's first event (the transmit
+    /// window: at most one interval).
+    pub connect_events: u32,
+    /// Request/response pairs of the ATT MTU exchange, from the first connection event.
+    pub mtu_exchange_round_trips: u32,
+    /// Request/response pairs of GATT discovery (primary services, characteristics,
+    /// descriptors); a client with the handles cached skips it.
+    pub discovery_round_trips: u32,
+    /// Request/response pairs of each CCCD write (one subscription).
+    pub cccd_round_trips: u32,
     pub seed: u64,
+}
+
+impl Default for FaultConfig {
+    fn default() -> FaultConfig {
+        FaultConfig {
+            loss: 0.0,
+            duplicate: 0.0,
+            reorder: 0.0,
+            reorder_delay_ms: 0,
+            delay_ms: 0,
+            jitter_ms: 0,
+            disconnect_after_frames: None,
+            disconnect_direction: Direction::Both,
+            connection_interval_ms: 0,
+            advertising_interval_ms: 150,
+            connect_events: 1,
+            mtu_exchange_round_trips: 1,
+            discovery_round_trips: 6,
+            cccd_round_trips: 1,
+            seed: 0,
+        }
+    }
+}
+
+/// The connection events of one BLE link: `epoch + k × interval`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Events {
+    pub epoch: Instant,
+    pub interval: Duration,
+}
+
+impl Events {
+    /// The first event strictly after `at`: a value produced during an event goes out in the
+    /// next one.
+    pub fn after(&self, at: Instant) -> Instant {
+        let since = at.saturating_duration_since(self.epoch);
+        let events = since.as_nanos() / self.interval.as_nanos().max(1) + 1;
+        self.epoch + self.interval * u32::try_from(events).unwrap_or(u32::MAX)
+    }
+
+    /// When the answer to the last of `pairs` back-to-back request/response pairs begun at `at`
+    /// arrives: each request goes at the next event and its answer at the one after.
+    pub fn round_trips(&self, at: Instant, pairs: u32) -> Instant {
+        if pairs == 0 {
+            return at;
+        }
+        self.after(at) + self.interval * (2 * pairs - 1)
+    }
+}
+
+impl FaultConfig {
+    /// The BLE timing model's connection interval, when it is on.
+    pub fn interval(&self) -> Option<Duration> {
+        (self.connection_interval_ms > 0)
+            .then(|| Duration::from_millis(self.connection_interval_ms))
+    }
+
+    /// A connection requested at `now`, the lock heard after `heard`: its connection events,
+    /// and when the MTU exchange that opens it is done. `None` with the timing model off.
+    pub fn connection(&self, now: Instant, heard: Duration) -> Option<(Events, Instant)> {
+        let interval = self.interval()?;
+        let epoch = now + heard + interval * self.connect_events;
+        let events = Events { epoch, interval };
+        // The first request goes in the first event itself.
+        let ready = match self.mtu_exchange_round_trips {
+            0 => epoch,
+            n => epoch + interval * (2 * n - 1),
+        };
+        Some((events, ready))
+    }
+
+    /// How long until the hub hears the lock, for a uniform `draw`.
+    pub fn advertising_wait(&self, draw: u64) -> Duration {
+        match self.advertising_interval_ms {
+            0 => Duration::ZERO,
+            ms => Duration::from_micros(draw % (ms * 1000)),
+        }
+    }
 }
 
 impl FaultConfig {
@@ -163,12 +255,11 @@ impl<T: Clone> FaultyPipe<T> {
             return at;
         }
         let epoch = *self.epoch.get_or_insert(now);
-        let interval = Duration::from_millis(interval);
-        let since = at.saturating_duration_since(epoch);
-        // The first event strictly after `at`: a value produced during an event goes out in
-        // the next one.
-        let events = since.as_nanos() / interval.as_nanos() + 1;
-        epoch + interval * u32::try_from(events).unwrap_or(u32::MAX)
+        Events {
+            epoch,
+            interval: Duration::from_millis(interval),
+        }
+        .after(at)
     }
 
     /// Put this pipe's connection events on a shared clock (both directions of one link share
@@ -261,6 +352,35 @@ mod tests {
             p.pop_due(t0 + ms(60)),
             Some(3),
             "both go in the event at 60 ms"
+        );
+    }
+
+    #[test]
+    fn a_connection_costs_its_events() {
+        let cfg = FaultConfig {
+            connection_interval_ms: 30,
+            ..FaultConfig::default()
+        };
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // Heard after 40 ms; the first event one interval later; MTU request in it, answer in
+        // the next.
+        let (events, ready) = cfg.connection(t0, ms(40)).unwrap();
+        assert_eq!(events.epoch, t0 + ms(70));
+        assert_eq!(ready, t0 + ms(100));
+        // Discovery begun at the MTU answer: 6 pairs, the first request at the next event.
+        assert_eq!(events.round_trips(ready, 6), t0 + ms(100 + 30 * 12));
+        assert_eq!(events.round_trips(ready, 0), ready);
+        // A request between events waits for the next one.
+        assert_eq!(events.round_trips(t0 + ms(101), 1), t0 + ms(160));
+        assert_eq!(
+            cfg.advertising_wait(149_999),
+            Duration::from_micros(149_999)
+        );
+        assert_eq!(cfg.advertising_wait(150_000), Duration::ZERO);
+        assert!(
+            FaultConfig::default().connection(t0, ms(1)).is_none(),
+            "model off"
         );
     }
 

@@ -325,3 +325,149 @@ async fn handshake_completes_over_a_lossy_duplicating_sim_socket() {
     }
     assert!(ok >= 2, "{ok} of 3 sessions completed over the lossy link");
 }
+
+/// One raw request on the sim socket and the message that answers it, skipping nothing.
+async fn ask(
+    stream: &mut tokio::net::UnixStream,
+    msg: lockbridge::sim::wire::SimMsg,
+) -> (lockbridge::sim::wire::SimMsg, std::time::Instant) {
+    use lockbridge::sim::wire::{read_msg, write_msg};
+    write_msg(stream, &msg).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(20), read_msg(stream))
+        .await
+        .expect("an answer")
+        .unwrap()
+        .expect("not closed");
+    (answer, std::time::Instant::now())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_ble_model_opening_a_link_costs_its_connection_events() {
+    use lockbridge::ptls::Channel;
+    use lockbridge::sim::wire::SimMsg;
+    let dir = tempfile::tempdir().unwrap();
+    // 20 ms events; heard at once; the first event one interval after the request; MTU 1 pair,
+    // discovery 2 pairs, each CCCD 1 pair.
+    let faults = lockbridge::fault::FaultConfig {
+        connection_interval_ms: 20,
+        advertising_interval_ms: 0,
+        connect_events: 1,
+        mtu_exchange_round_trips: 1,
+        discovery_round_trips: 2,
+        cccd_round_trips: 1,
+        ..Default::default()
+    };
+    let (addr, summary, _stop) = serve_with_faults(dir.path(), faults).await;
+    let ListenAddr::Unix(path) = &addr else {
+        unreachable!()
+    };
+    let serial = summary["locks"][0]["serial"].as_str().unwrap().to_string();
+    let mut s = tokio::net::UnixStream::connect(path).await.unwrap();
+    let ms = Duration::from_millis;
+    let t0 = std::time::Instant::now();
+    let (answer, connected) = ask(
+        &mut s,
+        SimMsg::Connect {
+            att_mtu: 247,
+            serial,
+        },
+    )
+    .await;
+    assert_eq!(answer, SimMsg::Connected { att_mtu: 247 });
+    // Set-up (1 event) and the MTU pair (answered an event later): never sooner.
+    assert!(
+        connected - t0 >= ms(40),
+        "CONNECTED after {:?}",
+        connected - t0
+    );
+    let (answer, discovered) = ask(&mut s, SimMsg::Discover).await;
+    assert_eq!(answer, SimMsg::Discovered);
+    // Two pairs, the first request at the next event: at least three intervals more.
+    assert!(
+        discovered - connected >= ms(60),
+        "DISCOVERED {:?} after CONNECTED",
+        discovered - connected
+    );
+    let (answer, subscribed) = ask(
+        &mut s,
+        SimMsg::Subscribe {
+            channel: Channel::PtlsTx,
+            on: true,
+        },
+    )
+    .await;
+    assert_eq!(
+        answer,
+        SimMsg::Subscribed {
+            channel: Channel::PtlsTx
+        }
+    );
+    assert!(
+        subscribed - discovered >= ms(20),
+        "SUBSCRIBED {:?} after DISCOVERED",
+        subscribed - discovered
+    );
+}
+
+/// A stand-in simulator that answers the link set-up and records what kinds it was sent.
+async fn recording_sim(path: PathBuf) -> std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
+    use lockbridge::sim::wire::{SimMsg, read_msg, write_msg};
+    let kinds = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let listener = tokio::net::UnixListener::bind(path).unwrap();
+    let seen = kinds.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(msg)) = read_msg(&mut s).await {
+                    seen.lock().unwrap().push(msg.encode()[0]);
+                    let answer = match msg {
+                        SimMsg::Connect { att_mtu, .. } => SimMsg::Connected { att_mtu },
+                        SimMsg::Discover => SimMsg::Discovered,
+                        SimMsg::Subscribe { channel, .. } => SimMsg::Subscribed { channel },
+                        _ => continue,
+                    };
+                    write_msg(&mut s, &answer).await.unwrap();
+                }
+            });
+        }
+    });
+    kinds
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sim_connector_discovers_a_lock_once_and_recalls_its_handles_after() {
+    use lockbridge::link::Connector;
+    use lockbridge::link::sim::SimConnector;
+    use lockbridge::sim::wire::{CONNECT, DISCONNECT, DISCOVER, SUBSCRIBE};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sim.sock");
+    let kinds = recording_sim(path.clone()).await;
+    let connector = SimConnector::new(ListenAddr::Unix(path));
+    for _ in 0..2 {
+        let mut link = connector.connect("10000000-000001", 247).await.unwrap();
+        link.close().await;
+    }
+    // The stand-in records in arrival order; the second link's close may still be on its way.
+    let t = std::time::Instant::now();
+    while kinds
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|k| **k == DISCONNECT)
+        .count()
+        < 2
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            kinds.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let link = [CONNECT, SUBSCRIBE, SUBSCRIBE, SUBSCRIBE, DISCONNECT];
+    let mut first = vec![CONNECT, DISCOVER];
+    first.extend_from_slice(&link[1..]);
+    let want: Vec<u8> = first.into_iter().chain(link).collect();
+    assert_eq!(*kinds.lock().unwrap(), want);
+}

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lockbridge::config::Config;
+use lockbridge::fault::FaultConfig;
 use lockbridge::sim::config::SimConfig;
 use lockbridge::sim::model::LockSpec;
 use lockbridge::sim::serve::{Listener, SimWorld, serve};
@@ -114,6 +115,8 @@ pub async fn sim_and_daemon(summary: &serde_json::Value) -> (Proc, Proc) {
 /// A two-lock world, its simulator and the daemon, all in this process.
 pub struct Rig {
     _dir: tempfile::TempDir,
+    /// The simulator's record of every actuation (docs/simulator.md).
+    pub event_log: std::path::PathBuf,
     pub daemon: Option<lockbridge::daemon::Daemon>,
     stop_sim: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -138,6 +141,17 @@ impl Rig {
         config: impl FnOnce(String) -> String,
         locks: impl FnOnce(&mut [LockSpec]),
     ) -> Rig {
+        Rig::with_faults(interval_ms, |f| f.loss = loss, mqtt, config, locks).await
+    }
+
+    /// [`Rig::new`] with the sim links' faults and BLE timing edited by `faults`.
+    pub async fn with_faults(
+        interval_ms: u64,
+        faults: impl FnOnce(&mut FaultConfig),
+        mqtt: Option<&str>,
+        config: impl FnOnce(String) -> String,
+        locks: impl FnOnce(&mut [LockSpec]),
+    ) -> Rig {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("w");
         let broker = mqtt.map(|addr| lockbridge::demo::DemoBroker {
@@ -148,8 +162,9 @@ impl Rig {
         let text = std::fs::read_to_string(&summary.daemon_config).unwrap();
         std::fs::write(&summary.daemon_config, config(text)).unwrap();
         let (mut sim, mut specs) = SimConfig::load(&summary.world.sim_config).unwrap();
-        sim.faults.loss = loss;
+        faults(&mut sim.faults);
         locks(&mut specs);
+        let event_log = sim.event_log.clone().unwrap();
         let listener = Listener::bind(&summary.sim_endpoint.parse().unwrap())
             .await
             .unwrap();
@@ -159,7 +174,7 @@ impl Rig {
                 locks: specs,
                 faults: sim.faults,
                 chaos: Default::default(),
-                event_log: None,
+                event_log: Some(event_log.clone()),
                 seed: 1,
             },
             listener,
@@ -172,6 +187,7 @@ impl Rig {
         let daemon = lockbridge::daemon::start(config, key).await.unwrap();
         Rig {
             _dir: tmp,
+            event_log,
             daemon: Some(daemon),
             stop_sim: Some(stop_sim),
         }

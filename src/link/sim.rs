@@ -1,6 +1,7 @@
 //! The client end of the sim socket (design §4.1).
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::io::{AsyncWriteExt, WriteHalf};
@@ -64,14 +65,26 @@ pub async fn probe(addr: &ListenAddr, serial: &str) -> Result<(), LinkError> {
 }
 
 impl SimLink {
-    /// Connect to `serial` at the simulator, request `att_mtu`, and subscribe to the three
-    /// characteristics the client listens on (spec §1: before hello).
-    // A wildcard on purpose: `buffer` sorts every message that is not the awaited reply.
-    #[allow(clippy::wildcard_enum_match_arm)]
+    /// Connect to `serial` at the simulator, request `att_mtu`, discover the lock's
+    /// characteristics and subscribe to the three the client listens on (spec §1: before
+    /// hello).
     pub async fn connect(
         addr: &ListenAddr,
         serial: &str,
         att_mtu: u16,
+    ) -> Result<SimLink, LinkError> {
+        SimLink::open(addr, serial, att_mtu, false).await
+    }
+
+    /// [`SimLink::connect`]; with `handles_cached` the client knows the characteristics from an
+    /// earlier connection and skips discovery, as BlueZ does with its GATT cache.
+    // A wildcard on purpose: `buffer` sorts every message that is not the awaited reply.
+    #[allow(clippy::wildcard_enum_match_arm)]
+    pub async fn open(
+        addr: &ListenAddr,
+        serial: &str,
+        att_mtu: u16,
+        handles_cached: bool,
     ) -> Result<SimLink, LinkError> {
         let stream = open(addr).await?;
         let (mut reader, writer) = tokio::io::split(stream);
@@ -111,6 +124,8 @@ impl SimLink {
             SimMsg::Connect { .. }
             | SimMsg::Probe { .. }
             | SimMsg::Seen
+            | SimMsg::Discover
+            | SimMsg::Discovered
             | SimMsg::Write { .. }
             | SimMsg::WriteAck { .. }
             | SimMsg::WriteError { .. }
@@ -130,6 +145,16 @@ impl SimLink {
                 mtu: link.att_mtu,
             });
         }
+        if !handles_cached {
+            link.send(&SimMsg::Discover).await?;
+            loop {
+                match link.reply("DISCOVERED").await? {
+                    SimMsg::Discovered => break,
+                    other => link.buffer(other)?,
+                }
+            }
+        }
+        // All three before hello (spec §1), PTLS_TX first.
         for channel in [
             Channel::PtlsTx,
             Channel::ApiCommands,
@@ -208,6 +233,8 @@ impl SimLink {
             | SimMsg::Refused { .. }
             | SimMsg::Probe { .. }
             | SimMsg::Seen
+            | SimMsg::Discover
+            | SimMsg::Discovered
             | SimMsg::Write { .. }
             | SimMsg::WriteAck { .. }
             | SimMsg::WriteError { .. }
@@ -306,15 +333,44 @@ impl Link for SimLink {
     }
 }
 
-/// Opens [`SimLink`]s to the simulator at `addr`.
+/// Opens [`SimLink`]s to the simulator at `addr`, discovering each lock's characteristics on
+/// its first connection only (the handle cache a BLE host keeps).
 pub struct SimConnector {
-    pub addr: ListenAddr,
+    addr: ListenAddr,
+    /// Serials whose characteristics are known from an earlier connection.
+    discovered: Mutex<HashSet<String>>,
+}
+
+impl SimConnector {
+    pub fn new(addr: ListenAddr) -> SimConnector {
+        SimConnector {
+            addr,
+            discovered: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.discovered.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl super::Connector for SimConnector {
     type Link = SimLink;
     async fn connect(&self, serial: &str, att_mtu: u16) -> Result<SimLink, LinkError> {
-        SimLink::connect(&self.addr, serial, att_mtu).await
+        let cached = self.known().contains(serial);
+        let link = SimLink::open(&self.addr, serial, att_mtu, cached).await;
+        match &link {
+            Ok(_) => {
+                self.known().insert(serial.to_string());
+            }
+            // Not connected at all: what was known still holds.
+            Err(LinkError::Refused { .. }) => {}
+            // A set-up that failed part way starts from discovery next time.
+            Err(_) => {
+                self.known().remove(serial);
+            }
+        }
+        link
     }
 
     async fn probe(&self, serial: &str) -> Result<(), LinkError> {

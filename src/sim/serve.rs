@@ -3,11 +3,19 @@
 //! One task owns the world — every [`Lock`] and every socket's binding and fault pipes — and
 //! runs on the real clock; each socket has a small reader/writer task. The world applies the
 //! configured faults to values in both directions and appends every actuation to the event log.
+//!
+//! On the BLE timing model (`connection_interval_ms` > 0) opening a link costs what it costs on
+//! the air: the wait until the lock is heard, the connection set-up and MTU exchange (CONNECTED),
+//! GATT discovery (DISCOVERED) and each CCCD write (SUBSCRIBED), every answer on the link's
+//! connection events.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Instant;
+
+use rand_chacha::ChaCha8Rng;
+use rand_core::{RngCore, SeedableRng};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, UnixListener};
@@ -16,7 +24,7 @@ use tokio::sync::mpsc;
 use super::chaos::{Chaos, ChaosConfig, Fault};
 use super::model::{ConnId, Happening, Lock, LockSpec, Output, Refusal};
 use super::wire::{self, ListenAddr, SimMsg, Stream, read_msg, write_msg};
-use crate::fault::{Direction, Fate, FaultConfig, FaultyPipe};
+use crate::fault::{Direction, Events, Fate, FaultConfig, FaultyPipe};
 use crate::ptls::{Channel, WallClock};
 
 pub enum Listener {
@@ -80,6 +88,34 @@ struct Sock {
     binding: Option<(String, ConnId)>,
     to_lock: FaultyPipe<(Channel, Vec<u8>)>,
     to_client: FaultyPipe<(Channel, Vec<u8>)>,
+    /// The bound link's connection events (BLE timing model only).
+    events: Option<Events>,
+    /// Answers that wait for their connection event, in order.
+    later: Vec<(Instant, SimMsg)>,
+}
+
+impl Sock {
+    /// Send `msg` at `at`, or at once.
+    fn answer(&mut self, now: Instant, at: Option<Instant>, msg: SimMsg) {
+        match at.filter(|at| *at > now) {
+            Some(at) => {
+                let pos = self.later.partition_point(|(t, _)| *t <= at);
+                self.later.insert(pos, (at, msg));
+            }
+            None => {
+                let _ = self.tx.send(msg);
+            }
+        }
+    }
+
+    /// The link ended: nothing in flight on it arrives any more.
+    fn unbound(&mut self) -> Option<(String, ConnId)> {
+        self.to_lock.clear();
+        self.to_client.clear();
+        self.later.clear();
+        self.events = None;
+        self.binding.take()
+    }
 }
 
 struct World {
@@ -92,6 +128,8 @@ struct World {
     /// Locks in a loss burst, and until when: every value to and from them is lost. An entry
     /// that has passed is harmless and is replaced by the lock's next burst.
     blackout: HashMap<String, Instant>,
+    /// When each advertisement is heard (BLE timing model).
+    air: ChaCha8Rng,
 }
 
 fn in_blackout(blackout: &HashMap<String, Instant>, serial: &str, now: Instant) -> bool {
@@ -120,7 +158,10 @@ pub async fn serve(
             (spec.serial.clone(), Lock::new(spec, seed, wall))
         })
         .collect();
+    let mut air = ChaCha8Rng::seed_from_u64(world.faults.seed);
+    air.set_stream(u64::MAX);
     let mut w = World {
+        air,
         locks,
         sockets: HashMap::new(),
         by_conn: HashMap::new(),
@@ -153,6 +194,8 @@ pub async fn serve(
                         binding: None,
                         to_lock,
                         to_client,
+                        events: None,
+                        later: Vec::new(),
                     });
                     tokio::spawn(socket_task(next_id, stream, inbox_tx.clone(), rx));
                 }
@@ -224,21 +267,35 @@ impl World {
                     });
                     return;
                 }
-                let reply = match self.locks.get_mut(&serial) {
-                    None => SimMsg::Refused {
-                        reason: Refusal::UnknownLock as u8,
-                    },
+                let (reply, at) = match self.locks.get_mut(&serial) {
+                    None => (
+                        SimMsg::Refused {
+                            reason: Refusal::UnknownLock as u8,
+                        },
+                        None,
+                    ),
                     Some(lock) => match lock.connect(now, att_mtu) {
                         Ok((conn, mtu)) => {
                             log::info!("sim: {serial}: connection {conn} (ATT MTU {mtu})");
                             sock.binding = Some((serial.clone(), conn));
                             self.by_conn.insert((serial, conn), id);
-                            SimMsg::Connected { att_mtu: mtu }
+                            let heard = self.faults.advertising_wait(self.air.next_u64());
+                            let opened = self.faults.connection(now, heard);
+                            if let Some((events, _)) = opened {
+                                // Both directions share the link's connection events.
+                                sock.to_lock.align(events.epoch);
+                                sock.to_client.align(events.epoch);
+                                sock.events = Some(events);
+                            }
+                            (
+                                SimMsg::Connected { att_mtu: mtu },
+                                opened.map(|(_, ready)| ready),
+                            )
                         }
-                        Err(r) => SimMsg::Refused { reason: r as u8 },
+                        Err(r) => (SimMsg::Refused { reason: r as u8 }, None),
                     },
                 };
-                let _ = sock.tx.send(reply);
+                sock.answer(now, at, reply);
             }
             SimMsg::Probe { serial } => {
                 let reply = match self.locks.get(&serial) {
@@ -250,7 +307,17 @@ impl World {
                         reason: Refusal::Busy as u8,
                     },
                 };
-                let _ = sock.tx.send(reply);
+                // Heard at the lock's next advertisement.
+                let at = self
+                    .faults
+                    .interval()
+                    .map(|_| now + self.faults.advertising_wait(self.air.next_u64()));
+                sock.answer(now, at, reply);
+            }
+            SimMsg::Discover => {
+                let pairs = self.faults.discovery_round_trips;
+                let at = sock.events.map(|e| e.round_trips(now, pairs));
+                sock.answer(now, at, SimMsg::Discovered);
             }
             SimMsg::Subscribe { channel, on } => {
                 if let Some((serial, conn)) = &sock.binding {
@@ -258,7 +325,9 @@ impl World {
                         lock.subscribe(*conn, channel, on);
                     }
                 }
-                let _ = sock.tx.send(SimMsg::Subscribed { channel });
+                let pairs = self.faults.cccd_round_trips;
+                let at = sock.events.map(|e| e.round_trips(now, pairs));
+                sock.answer(now, at, SimMsg::Subscribed { channel });
             }
             SimMsg::Write {
                 channel,
@@ -307,6 +376,7 @@ impl World {
             | SimMsg::WriteError { .. }
             | SimMsg::Subscribed { .. }
             | SimMsg::Seen
+            | SimMsg::Discovered
             | SimMsg::Value { .. } => {}
         }
     }
@@ -343,6 +413,11 @@ impl World {
         let Some(sock) = self.sockets.get_mut(&id) else {
             return false;
         };
+        while sock.later.first().is_some_and(|(at, _)| *at <= now) {
+            let (_, msg) = sock.later.remove(0);
+            let _ = sock.tx.send(msg);
+            progressed = true;
+        }
         while let Some((channel, value)) = sock.to_client.pop_due(now) {
             let _ = sock.tx.send(SimMsg::Value { channel, value });
             progressed = true;
@@ -395,7 +470,7 @@ impl World {
                             log::info!(
                                 "sim: {serial}: connection {conn} dropped (reason {reason})"
                             );
-                            sock.binding = None;
+                            sock.unbound();
                             let _ = sock.tx.send(SimMsg::Disconnect { reason });
                         }
                     }
@@ -446,9 +521,7 @@ impl World {
         let Some(sock) = self.sockets.get_mut(&id) else {
             return;
         };
-        sock.to_lock.clear();
-        sock.to_client.clear();
-        if let Some((serial, conn)) = sock.binding.take() {
+        if let Some((serial, conn)) = sock.unbound() {
             if let Some(lock) = self.locks.get_mut(&serial) {
                 lock.disconnect(conn);
             }
@@ -465,7 +538,13 @@ impl World {
         let pipes = self
             .sockets
             .values()
-            .flat_map(|s| [s.to_lock.next_due(), s.to_client.next_due()])
+            .flat_map(|s| {
+                [
+                    s.to_lock.next_due(),
+                    s.to_client.next_due(),
+                    s.later.first().map(|(at, _)| *at),
+                ]
+            })
             .flatten();
         locks.chain(pipes).min()
     }

@@ -55,6 +55,8 @@ pub const CONNECTED: u8 = 0x02;
 pub const REFUSED: u8 = 0x03;
 pub const PROBE: u8 = 0x04;
 pub const SEEN: u8 = 0x05;
+pub const DISCOVER: u8 = 0x06;
+pub const DISCOVERED: u8 = 0x07;
 pub const WRITE: u8 = 0x10;
 pub const WRITE_ACK: u8 = 0x11;
 pub const WRITE_ERROR: u8 = 0x14;
@@ -93,6 +95,9 @@ pub enum SimMsg {
     },
     /// The lock advertises (answers PROBE; REFUSED says it does not).
     Seen,
+    /// GATT discovery: find the lock's characteristics (a client that cached them skips it).
+    Discover,
+    Discovered,
     Write {
         channel: Channel,
         with_response: bool,
@@ -134,6 +139,8 @@ impl SimMsg {
             SimMsg::Refused { reason } => (REFUSED, vec![*reason]),
             SimMsg::Probe { serial } => (PROBE, serial.as_bytes().to_vec()),
             SimMsg::Seen => (SEEN, Vec::new()),
+            SimMsg::Discover => (DISCOVER, Vec::new()),
+            SimMsg::Discovered => (DISCOVERED, Vec::new()),
             SimMsg::Write {
                 channel,
                 with_response,
@@ -194,6 +201,8 @@ impl SimMsg {
                     .to_string(),
             },
             SEEN => SimMsg::Seen,
+            DISCOVER => SimMsg::Discover,
+            DISCOVERED => SimMsg::Discovered,
             WRITE => {
                 let channel = channel(&mut r)?;
                 let with_response = flag(&mut r)?;
@@ -283,6 +292,8 @@ mod tests {
             },
             SimMsg::Connected { att_mtu: 185 },
             SimMsg::Refused { reason: 2 },
+            SimMsg::Discover,
+            SimMsg::Discovered,
             SimMsg::Write {
                 channel: Channel::PtlsRx,
                 with_response: true,
