@@ -427,3 +427,58 @@ fn scan_finds_the_locks_on_the_air_and_names_a_configured_one_that_is_not() {
             || String::from_utf8_lossy(&out.stderr).contains("120")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_on_demand_lock_is_reached_again_without_a_scan_or_a_discovery() {
+    let emu = Emulator::start(2);
+    let bus = tempfile::tempdir().unwrap();
+    let log = common::BusLog::start(&emu.address, &bus.path().join("bus.tsv"));
+    let w = World::new(1, |_| {});
+    w.use_ble("hci0");
+    w.edit_daemon_config(|t| {
+        t.replace(
+            "link = \"persistent\"",
+            "link = \"on-demand\"\nidle_disconnect_s = 1\nrefresh_s = 3600",
+        )
+    });
+    let _sim = w.sim_ble(&emu, "hci1");
+    let _daemon = w.daemon_with_env(&[("DBUS_SYSTEM_BUS_ADDRESS", &emu.address)]);
+    // The first connection (the state read at start) finds the lock and its characteristics.
+    w.wait_status("lock-1", "idle", Duration::from_secs(30))
+        .await;
+    let mut windows = Vec::new();
+    for action in [Action::Unlock, Action::Lock] {
+        w.wait_status("lock-1", "idle", Duration::from_secs(30))
+            .await;
+        let from = common::unix_now();
+        let reports = w.command("lock-1", action, None, Some(30)).await;
+        windows.push((from, common::unix_now()));
+        assert!(
+            matches!(outcome(&reports), Outcome::Success { .. }),
+            "{reports:?}"
+        );
+    }
+    assert_eq!(w.actuations().len(), 2, "each command actuated once");
+    // The link dropped after the last command: its calls are all on the bus log by now.
+    w.wait_status("lock-1", "idle", Duration::from_secs(30))
+        .await;
+    let daemon = log.daemon().expect("the daemon asked BlueZ to connect");
+    let calls = log.calls();
+    for (from, to) in windows {
+        let made: Vec<&str> = calls
+            .iter()
+            .filter(|c| c.sender == daemon && c.at >= from && c.at <= to)
+            .map(|c| c.member.as_str())
+            .collect();
+        let n = |m: &str| made.iter().filter(|c| **c == m).count();
+        assert_eq!(n("Device1.Connect"), 1, "{made:?}");
+        assert_eq!(n("GattCharacteristic1.StartNotify"), 3, "{made:?}");
+        for never in [
+            "Adapter1.SetDiscoveryFilter",
+            "Adapter1.StartDiscovery",
+            "ObjectManager.GetManagedObjects",
+        ] {
+            assert_eq!(n(never), 0, "{never} on a lock already known: {made:?}");
+        }
+    }
+}

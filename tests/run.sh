@@ -19,6 +19,8 @@ command -v pkg-config >/dev/null || apt_packages+=(pkg-config)
 # bluer links libdbus; the BlueZ tests run a private dbus-daemon with BlueZoo.
 pkg-config --exists dbus-1 2>/dev/null || apt_packages+=(libdbus-1-dev)
 command -v dbus-daemon >/dev/null || apt_packages+=(dbus)
+# dbus-monitor: the BLE tests and benchmark count the D-Bus calls lockbridge makes.
+command -v dbus-monitor >/dev/null || apt_packages+=(dbus-bin)
 # BlueZoo's sd-bus binding needs libsystemd at run time.
 ldconfig -p 2>/dev/null | grep -q 'libsystemd\.so\.0' || apt_packages+=(libsystemd0)
 command -v kill >/dev/null || apt_packages+=(procps)

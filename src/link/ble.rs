@@ -6,7 +6,14 @@
 //! API_COMMANDS and NOTIFICATIONS, then write with response (`write_ext` with
 //! `WriteOp::Request`; bluer's plain `write` is write-without-response). One D-Bus method call
 //! per frame written; values arrive as signals.
+//!
+//! After the first connection the connector remembers the lock's address and its
+//! characteristics' object ids: the next connection neither scans nor lists BlueZ's objects
+//! (BlueZ keeps the device and its GATT database between connections). Anything that fails on
+//! what was remembered forgets it, and the next attempt starts from the scan.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use bluer::gatt::WriteOp;
@@ -66,6 +73,19 @@ pub struct BleConnector {
     session: bluer::Session,
     adapter: Option<String>,
     connect_timeout: Duration,
+    /// What earlier connections found, by serial.
+    known: Mutex<HashMap<String, Known>>,
+}
+
+/// Where a lock is and its characteristics' object ids, from a connection that worked.
+#[derive(Clone, Copy, Debug)]
+struct Known {
+    address: Address,
+    service: u16,
+    notifications: u16,
+    ptls_tx: u16,
+    ptls_rx: u16,
+    api: u16,
 }
 
 impl BleConnector {
@@ -79,7 +99,16 @@ impl BleConnector {
             session,
             adapter: (!adapter.is_empty()).then(|| adapter.to_string()),
             connect_timeout: connect_timeout.max(Duration::from_secs(10)),
+            known: Mutex::new(HashMap::new()),
         })
+    }
+
+    fn known(&self, serial: &str) -> Option<Known> {
+        self.remembered().get(serial).copied()
+    }
+
+    fn remembered(&self) -> std::sync::MutexGuard<'_, HashMap<String, Known>> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The adapter, looked up on every connection so one that went away and came back is used
@@ -111,8 +140,14 @@ impl BleConnector {
         Ok(adapter)
     }
 
-    /// A known device with the lock's serial UUID, else discover one with an LE filter.
+    /// The device remembered from an earlier connection, or one BlueZ knows with the lock's
+    /// serial UUID, else discover one with an LE filter.
     async fn find(&self, adapter: &Adapter, serial: &str) -> Result<Device, LinkError> {
+        if let Some(known) = self.known(serial) {
+            return adapter
+                .device(known.address)
+                .map_err(ble("opening the device"));
+        }
         if let Ok(address) = serial.parse::<Address>() {
             return adapter.device(address).map_err(ble("opening the device"));
         }
@@ -221,19 +256,39 @@ async fn has_uuid(device: &Device, uuid: &Uuid) -> bool {
         .is_some_and(|u| u.contains(uuid))
 }
 
-async fn wait_resolved(device: &Device) -> Result<(), LinkError> {
-    let until = tokio::time::Instant::now() + RESOLVE_LIMIT;
-    while !device
+type DeviceEvents = std::pin::Pin<Box<dyn Stream<Item = DeviceEvent> + Send>>;
+
+/// Wait for BlueZ to say the device's services are resolved: the property changing, not a
+/// poll. `events` was subscribed before the property is read, so the change cannot be missed.
+// A wildcard on purpose: bluer's property list is open-ended and only two of them matter here.
+#[allow(clippy::wildcard_enum_match_arm)]
+async fn wait_resolved(device: &Device, events: &mut DeviceEvents) -> Result<(), LinkError> {
+    if device
         .is_services_resolved()
         .await
         .map_err(ble("reading ServicesResolved"))?
     {
-        if tokio::time::Instant::now() > until {
-            return Err(LinkError::Timeout("ServicesResolved"));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        return Ok(());
     }
-    Ok(())
+    let resolved = async {
+        while let Some(DeviceEvent::PropertyChanged(p)) = events.next().await {
+            match p {
+                DeviceProperty::ServicesResolved(true) => return Ok(()),
+                DeviceProperty::Connected(false) => {
+                    return Err(LinkError::Disconnected {
+                        reason: "the lock disconnected before its services were resolved".into(),
+                    });
+                }
+                _ => {}
+            }
+        }
+        Err(LinkError::Disconnected {
+            reason: "BlueZ stopped reporting the device".into(),
+        })
+    };
+    tokio::time::timeout(RESOLVE_LIMIT, resolved)
+        .await
+        .map_err(|_| LinkError::Timeout("ServicesResolved"))?
 }
 
 /// The lock service's four characteristics.
@@ -242,6 +297,40 @@ struct LockChars {
     ptls_tx: Characteristic,
     ptls_rx: Characteristic,
     api: Characteristic,
+}
+
+impl LockChars {
+    /// The characteristics by the ids an earlier connection found (no D-Bus call).
+    async fn recalled(device: &Device, k: &Known) -> Result<LockChars, LinkError> {
+        let service = device
+            .service(k.service)
+            .await
+            .map_err(ble("opening the lock service"))?;
+        let service = &service;
+        let open = move |id| async move {
+            service
+                .characteristic(id)
+                .await
+                .map_err(ble("opening a characteristic"))
+        };
+        Ok(LockChars {
+            notifications: open(k.notifications).await?,
+            ptls_tx: open(k.ptls_tx).await?,
+            ptls_rx: open(k.ptls_rx).await?,
+            api: open(k.api).await?,
+        })
+    }
+
+    fn remember(&self, address: Address) -> Known {
+        Known {
+            address,
+            service: self.ptls_rx.service_id(),
+            notifications: self.notifications.id(),
+            ptls_tx: self.ptls_tx.id(),
+            ptls_rx: self.ptls_rx.id(),
+            api: self.api.id(),
+        }
+    }
 }
 
 async fn lock_chars(device: &Device) -> Result<LockChars, LinkError> {
@@ -385,11 +474,22 @@ impl super::Connector for BleConnector {
 
     async fn connect(&self, serial: &str, att_mtu: u16) -> Result<BleLink, LinkError> {
         let adapter = self.adapter().await?;
+        let known = self.known(serial);
         let device = self.find(&adapter, serial).await?;
-        self.connect_device(&adapter, &device).await?;
+        if let Err(e) = self.connect_device(&adapter, &device).await {
+            self.remembered().remove(serial);
+            return Err(e);
+        }
         let link = async {
-            wait_resolved(&device).await?;
-            let chars = lock_chars(&device).await?;
+            // Subscribed before ServicesResolved is read, so its change cannot be missed; the
+            // same events then tell the link about a disconnect.
+            let mut device_events: DeviceEvents =
+                Box::pin(device.events().await.map_err(ble("watching the device"))?);
+            wait_resolved(&device, &mut device_events).await?;
+            let chars = match &known {
+                Some(k) => LockChars::recalled(&device, k).await?,
+                None => lock_chars(&device).await?,
+            };
             let mtu = chars.ptls_rx.mtu().await.map_err(ble("reading the MTU"))?;
             let mtu = u16::try_from(mtu).unwrap_or(u16::MAX).min(att_mtu);
             if mtu < MIN_ATT_MTU {
@@ -414,10 +514,11 @@ impl super::Connector for BleConnector {
                 .notify()
                 .await
                 .map_err(ble("subscribing to NOTIFICATIONS"))?;
-            let device_events = device.events().await.map_err(ble("watching the device"))?;
             let (events_tx, events) = mpsc::unbounded_channel();
+            let remembered = chars.remember(device.address());
             let forwarder = tokio::spawn(forward(tx, api, notes, device_events, events_tx));
             let rssi = device.rssi().await.ok().flatten();
+            self.remembered().insert(serial.to_string(), remembered);
             Ok(BleLink {
                 device: device.clone(),
                 ptls_rx: chars.ptls_rx,
@@ -434,6 +535,7 @@ impl super::Connector for BleConnector {
             Err(e) => {
                 // Set-up failed on a connected device: clear it so the next attempt discovers
                 // and resolves it afresh.
+                self.remembered().remove(serial);
                 let _ = device.disconnect().await;
                 let _ = adapter.remove_device(device.address()).await;
                 Err(e)

@@ -542,13 +542,20 @@ pub struct Emulator {
 
 impl Emulator {
     pub fn start(adapters: usize) -> Emulator {
-        let bluezoo = std::env::var_os("LOCKBRIDGE_BLUEZOO")
+        // BlueZoo through tests/bluezoo_gatt_cache.py: a device's GATT objects are kept across
+        // its connections, as BlueZ keeps them (BlueZoo alone cannot connect a device twice).
+        let python = std::env::var_os("LOCKBRIDGE_PYTHON")
             .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/bluezoo"));
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python3"));
+        let shim = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bluezoo_gatt_cache.py");
+        let has_bluezoo = Command::new(&python)
+            .args(["-c", "import bluezoo"])
+            .output()
+            .is_ok_and(|o| o.status.success());
         assert!(
-            bluezoo.exists(),
-            "BlueZoo not found at {}: run tests/run.sh (it installs bluezoo into .venv), or `pip install bluezoo` and set LOCKBRIDGE_BLUEZOO",
-            bluezoo.display()
+            has_bluezoo,
+            "BlueZoo not importable by {}: run tests/run.sh (it installs bluezoo into .venv), or `pip install bluezoo` and set LOCKBRIDGE_PYTHON",
+            python.display()
         );
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("system_bus_socket");
@@ -589,8 +596,9 @@ impl Emulator {
         wait_for(|| socket.exists(), "the private D-Bus socket");
         let address = format!("unix:path={}", socket.display());
         let log_path = dir.path().join("bluezoo.log");
-        let mut cmd = Command::new(&bluezoo);
-        cmd.args(["--auto-enable", "--scan-interval", "1"]);
+        let mut cmd = Command::new(&python);
+        cmd.arg(&shim)
+            .args(["--auto-enable", "--scan-interval", "1"]);
         for i in 0..adapters {
             cmd.args(["-a", &format!("00:AA:00:00:00:{:02X}", i + 1)]);
         }
@@ -632,4 +640,71 @@ impl Emulator {
             _dbus: dbus,
         }
     }
+}
+
+/// Every message on a bus, one line each (`dbus-monitor --profile`): what each process asked
+/// of BlueZ, counted by the tests and the BLE benchmark.
+pub struct BusLog {
+    _monitor: Proc,
+    path: PathBuf,
+}
+
+/// One method call seen on the bus.
+pub struct Call {
+    pub at: f64,
+    pub sender: String,
+    pub path: String,
+    /// `Interface.Member`, the interface without its namespace: `Device1.Connect`.
+    pub member: String,
+}
+
+impl BusLog {
+    pub fn start(address: &str, path: &Path) -> BusLog {
+        let child = Command::new("dbus-monitor")
+            .args(["--address", address, "--profile"])
+            .stdout(std::fs::File::create(path).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("dbus-monitor: {e}; tests/run.sh installs it (package dbus-bin)")
+            });
+        BusLog {
+            _monitor: Proc(child),
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// Method calls (`mc` lines: type, time, serial, sender, destination, path, interface,
+    /// member).
+    pub fn calls(&self) -> Vec<Call> {
+        std::fs::read_to_string(&self.path)
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                (f.len() >= 8 && f[0] == "mc").then(|| Call {
+                    at: f[1].parse().unwrap(),
+                    sender: f[3].to_string(),
+                    path: f[5].to_string(),
+                    member: format!("{}.{}", f[6].rsplit('.').next().unwrap(), f[7]),
+                })
+            })
+            .collect()
+    }
+
+    /// The daemon's connection: the one that asks BlueZ to connect a device.
+    pub fn daemon(&self) -> Option<String> {
+        self.calls()
+            .into_iter()
+            .find(|c| c.member == "Device1.Connect")
+            .map(|c| c.sender)
+    }
+}
+
+/// Now as Unix seconds, the clock `dbus-monitor` stamps messages with.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
 }
