@@ -72,7 +72,7 @@ async fn run() {
     let rig = Rig::new(
         0,
         Some(&broker),
-        |t| t + "metrics_interval_s = 3600\n",
+        |t| t.replacen("[mqtt]\n", "[mqtt]\nmetrics_interval_s = 3600\n", 1),
         |locks| locks.iter_mut().for_each(|l| l.behaviour.motor_time_ms = 5),
     )
     .await;
