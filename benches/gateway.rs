@@ -133,17 +133,13 @@ fn actuation_times(log: &Path) -> Vec<u64> {
 }
 
 /// The model's time from an on-demand command to the lock taking it, in connection events
-/// after the lock is heard: connection set-up, the MTU exchange (2), discovery unless cached
-/// (2 per pair), each CCCD (2), then hello … command as on a link that is up (7).
+/// after the lock is heard: connection set-up to the first event, the MTU exchange (its request
+/// in that first event, so one event per pair less one), discovery unless cached (2 per pair),
+/// each CCCD (2 per pair), then hello … command as on a link that is up (7).
 fn from_idle_events(f: &FaultConfig, cached: bool) -> f64 {
     let discovery = if cached { 0 } else { f.discovery_round_trips };
-    f64::from(
-        f.connect_events
-            + 2 * f.mtu_exchange_round_trips
-            + 2 * discovery
-            + 3 * 2 * f.cccd_round_trips
-            + 7,
-    )
+    let mtu = (2 * f.mtu_exchange_round_trips).saturating_sub(1);
+    f64::from(f.connect_events + mtu + 2 * discovery + 3 * 2 * f.cccd_round_trips + 7)
 }
 
 /// On-demand commands from idle: submit → the lock's record of the actuation, `n` of them

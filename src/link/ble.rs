@@ -75,6 +75,9 @@ pub struct BleConnector {
     connect_timeout: Duration,
     /// What earlier connections found, by serial.
     known: Mutex<HashMap<String, Known>>,
+    /// One LE discovery at a time: BlueZ refuses a new discovery filter while one is active,
+    /// so locks looked up together would fail and back off.
+    discovery: tokio::sync::Mutex<()>,
 }
 
 /// Where a lock is and its characteristics' object ids, from a connection that worked.
@@ -100,6 +103,7 @@ impl BleConnector {
             adapter: (!adapter.is_empty()).then(|| adapter.to_string()),
             connect_timeout: connect_timeout.max(Duration::from_secs(10)),
             known: Mutex::new(HashMap::new()),
+            discovery: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -161,6 +165,9 @@ impl BleConnector {
                 op: "deriving the advertised UUID",
                 message: serial.to_string(),
             })?;
+        // Held to the end of the search; a lookup that waited for another one may find its
+        // device known by then.
+        let _one_discovery = self.discovery.lock().await;
         for address in adapter
             .device_addresses()
             .await
@@ -394,6 +401,7 @@ impl BleConnector {
     /// advertising a serial UUID (ptls-spec §1) or the lock service, strongest first.
     pub async fn scan(&self, window: Duration) -> Result<Vec<Heard>, LinkError> {
         let adapter = self.adapter().await?;
+        let _one_discovery = self.discovery.lock().await;
         let mut events = le_discovery(&adapter, Default::default()).await?;
         let mut seen = std::collections::BTreeSet::new();
         let listen = async {
@@ -448,6 +456,7 @@ impl super::Connector for BleConnector {
         if device.is_connected().await.unwrap_or(false) {
             return Ok(());
         }
+        let _one_discovery = self.discovery.lock().await;
         let events = adapter
             .discover_devices()
             .await
