@@ -159,7 +159,7 @@ def plot_warm_cold(g: dict, path: Path):
     left.set_xlabel("submit → answer (reads) or → the lock acting (unlock), ms")
     left.set_ylabel("fraction of commands")
     left.set_title(f"BLE model, {interval} ms connection interval")
-    left.legend(fontsize=8, loc="lower right")
+    left.legend(fontsize=8, loc="center")
     xs = sorted(g["zero_delay_read_ms"])
     right.hist(xs, bins=60, color="tab:green")
     right.set_xlabel("read latency, ms")
@@ -209,7 +209,7 @@ def limits(d: dict) -> str:
     p, g, c = d["ptls"], d["gateway"], d["coap"]
     adv, idle, idle_uncached = (g[k] for k in ["advertising_interval_ms", "idle_model_events",
                                                 "idle_model_events_uncached"])
-    disc = (idle_uncached - idle) / 2
+    disc = round((idle_uncached - idle) / 2)
     keygen, ecdh, sign, verify = (p[k] for k in ["p256_keygen_us", "p256_ecdh_us", "p256_sign_us", "p256_verify_us"])
     client_ops = keygen + ecdh + verify + sign
     lock_ops = keygen + ecdh + sign + 2 * verify
@@ -244,7 +244,7 @@ def limits(d: dict) -> str:
     ]
     for interval in [7.5, 15, 30, 50, 100]:
         lines.append(f"| {interval:g} ms | {1.5 * interval:.1f} ms | {8 * interval:.0f} ms "
-                     f"| {idle * interval + adv / 2:.0f} ms |")
+                     f"| {idle * interval + adv / 2:,.0f} ms |")
     lines += [
         "",
         f"Measured here on the {g['ble_interval_ms']} ms model: warm",
