@@ -15,14 +15,16 @@
 //!   [`ptls::Server`] take `now` and an RNG as inputs and never do I/O. [`ptls::pair`] joins
 //!   two endpoints through a seeded faulty link on a virtual clock for tests and benchmarks.
 //! - [`fault`] — the seeded link fault model (loss, duplication, reordering, delay, BLE
-//!   connection events, cut after frame N) shared by the pair harness and the simulator.
+//!   connection events and what opening a link costs, cut after frame N) shared by the pair
+//!   harness and the simulator.
 //! - [`sim`] — the lock simulator: [`sim::model::Lock`] behind one `ptls::Server` per
 //!   connection; [`sim::serve`] serves a world over the sim socket ([`sim::wire`]), with
 //!   [`sim::chaos`]'s seeded faults on single locks (loss bursts, disconnects, reboots, lost
 //!   clocks), and [`sim::ble`] as BLE peripherals through BlueZ.
 //! - [`link`] — byte pipes to a lock: the [`link::Link`] trait, [`link::sim::SimLink`] and
 //!   [`link::ble::BleLink`] (BlueZ through `bluer`, opened by [`link::ble::BleConnector`],
-//!   which also scans for Tedee locks for `lockbridge scan`).
+//!   which also scans for Tedee locks for `lockbridge scan`); each connector remembers what a
+//!   first connection found (the lock's characteristics, and over BlueZ its address).
 //! - [`session`] — one per lock: [`session::core`] decides, **sans-IO** like `ptls` (commands
 //!   with their outcome rules, slots, handshake and trusted time, state from notifications,
 //!   link policies, reconnect backoff; one timer table); [`session::shell`] is its one async
