@@ -48,21 +48,8 @@ async fn read(rig: &Rig, lock: &str) -> Duration {
 /// Any read: submit → outcome, and the outcome.
 async fn read_any(rig: &Rig, lock: &str) -> (Duration, Outcome) {
     let t = Instant::now();
-    let mut rx = rig.sup().submit(Request {
-        id: None,
-        lock: lock.into(),
-        action: Action::Read,
-        mode: Mode::Normal,
-        ttl: Some(Duration::from_secs(60)),
-        origin: "cli".into(),
-        source: None,
-    });
-    while let Some(r) = rx.recv().await {
-        if let Some(o) = r.outcome() {
-            return (t.elapsed(), o.clone());
-        }
-    }
-    panic!("no outcome")
+    let o = command(rig, lock, Action::Read).await;
+    (t.elapsed(), o)
 }
 
 /// Warm reads at a random phase on the BLE model with `loss` on the link: latencies of the

@@ -138,6 +138,32 @@ impl FaultConfig {
                 return Err(format!("faults.{name}: {p} is not a probability in 0..=1"));
             }
         }
+        // The BLE timing model within what BLE allows (intervals up to 4 s, advertising up to
+        // 10.24 s), and counts small enough that no instant computed from them overflows.
+        for (name, value, max) in [
+            ("connection_interval_ms", self.connection_interval_ms, 4_000),
+            (
+                "advertising_interval_ms",
+                self.advertising_interval_ms,
+                10_240,
+            ),
+            ("connect_events", u64::from(self.connect_events), 16),
+            (
+                "mtu_exchange_round_trips",
+                u64::from(self.mtu_exchange_round_trips),
+                16,
+            ),
+            (
+                "discovery_round_trips",
+                u64::from(self.discovery_round_trips),
+                256,
+            ),
+            ("cccd_round_trips", u64::from(self.cccd_round_trips), 16),
+        ] {
+            if value > max {
+                return Err(format!("faults.{name}: {value} is more than {max}"));
+            }
+        }
         Ok(())
     }
 }
@@ -381,6 +407,29 @@ mod tests {
         assert!(
             FaultConfig::default().connection(t0, ms(1)).is_none(),
             "model off"
+        );
+    }
+
+    #[test]
+    fn timing_beyond_what_ble_allows_is_refused_by_name() {
+        assert!(FaultConfig::default().validate().is_ok());
+        let huge = FaultConfig {
+            connect_events: u32::MAX,
+            ..FaultConfig::default()
+        };
+        assert!(
+            huge.validate()
+                .unwrap_err()
+                .contains("faults.connect_events")
+        );
+        let huge = FaultConfig {
+            advertising_interval_ms: u64::MAX,
+            ..FaultConfig::default()
+        };
+        assert!(
+            huge.validate()
+                .unwrap_err()
+                .contains("faults.advertising_interval_ms")
         );
     }
 
